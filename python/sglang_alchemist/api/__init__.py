@@ -1,0 +1,1 @@
+"""HTTP-process side: routes added to SGLang's FastAPI app and the channel to the scheduler."""

@@ -1,0 +1,302 @@
+"""The ``--alchemist-*`` flags: one typed config, parsed once in the launcher, read everywhere.
+
+SGLang builds its own ``ServerArgs`` and drops attributes it does not declare, and its
+scheduler runs in a *spawned* process. So the launcher parses our flags itself, validates them
+into :class:`AlchemistConfig`, and hands them to every SGLang process as JSON in one
+environment variable (spawned children inherit the environment). The scheduler process reads
+the same JSON back, so ``/v1/alchemist/status`` can show the config *as the scheduler sees it*.
+
+Every flag is declared once, as a dataclass field with its help text and its check; the
+argparse group and the validation are generated from those declarations, so ``--help``, the
+README table and the checks cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable
+
+CONFIG_ENV_VAR = "SGLANG_ALCHEMIST_CONFIG"
+FLAG_PREFIX = "--alchemist-"
+
+RECORD_POLICIES = ("all", "sample", "opt-in", "none")
+HEDGE_POLICIES = ("auto", "reload", "recompute")
+REJECT_OBJECTIVES = ("unlikelihood", "skip")
+LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class ConfigError(ValueError):
+    """A flag value a user must change; the message names the flag and what is allowed."""
+
+
+def _default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return str(Path(base) / "sglang_alchemist")
+
+
+# --- small checks, each returning a one-line description of what is allowed -------------
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "a number > 0"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "a number >= 0"
+
+
+def _unit_interval(value: float) -> str | None:
+    return None if 0.0 <= value <= 1.0 else "a number between 0 and 1"
+
+
+def _share(value: float) -> str | None:
+    return None if 0.0 < value <= 1.0 else "a number in (0, 1]"
+
+
+def _positive_int(value: int) -> str | None:
+    return None if value >= 1 else "an integer >= 1"
+
+
+def _non_negative_int(value: int) -> str | None:
+    return None if value >= 0 else "an integer >= 0"
+
+
+def _target_modules(value: list[str]) -> str | None:
+    unknown = [name for name in value if name not in LORA_TARGET_MODULES]
+    if unknown or not value:
+        return "a comma-separated subset of " + ",".join(LORA_TARGET_MODULES) + " (or 'all')"
+    return None
+
+
+def _parse_target_modules(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if names == ["all"]:
+        return list(LORA_TARGET_MODULES)
+    return names
+
+
+def _flag(
+    default: Any,
+    help: str,
+    *,
+    check: Callable[[Any], str | None] | None = None,
+    choices: tuple[str, ...] | None = None,
+    parse: Callable[[str], Any] | None = None,
+    metavar: str | None = None,
+) -> Any:
+    metadata = {"help": help, "check": check, "choices": choices, "parse": parse, "metavar": metavar}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class AlchemistConfig:
+    """Everything the ``--alchemist-*`` flags control. Field ``x_y`` is flag ``--alchemist-x-y``."""
+
+    # What serving records.
+    record: str = _flag(
+        "all",
+        "Which requests have their prefill activations recorded for training: every request, a "
+        "random sample, only requests that opt in with custom_params.alchemist_record=true, or none.",
+        choices=RECORD_POLICIES,
+    )
+    record_sample_rate: float = _flag(
+        0.1, "Fraction of requests recorded when --alchemist-record=sample.", check=_unit_interval
+    )
+    # Serving-latency targets the training lane must respect.
+    tpot_slo_ms: float = _flag(
+        200.0, "Time-per-output-token target (ms) for decode steps while training runs.", check=_positive
+    )
+    ttft_slo_ms: float = _flag(
+        2000.0, "Time-to-first-token target (ms) for waiting requests while training runs.", check=_positive
+    )
+    train_share: float = _flag(
+        0.5, "Largest share of engine time that training may take while requests are being served.",
+        check=_share,
+    )
+    # Activation store budgets.
+    activation_device_mb: float = _flag(
+        512.0, "Byte budget (MiB) of recorded activations kept on the serving device.", check=_non_negative
+    )
+    activation_host_mb: float = _flag(
+        2048.0, "Byte budget (MiB) of recorded activations kept in host memory (pinned on CUDA).",
+        check=_non_negative,
+    )
+    feedback_ttl_s: float = _flag(
+        600.0, "Seconds a served response waits for feedback before its recorded activations are released.",
+        check=_positive,
+    )
+    # LoRA adapter and optimizer.
+    lora_rank: int = _flag(8, "Rank of the trained LoRA adapter.", check=_positive_int)
+    lora_alpha: float = _flag(16.0, "LoRA alpha (the adapter's scale is alpha / rank).", check=_positive)
+    lora_target_modules: list[str] = _flag(
+        list(LORA_TARGET_MODULES),
+        "Comma-separated projections that get LoRA adapters, or 'all'.",
+        check=_target_modules,
+        parse=_parse_target_modules,
+        metavar="MODULES",
+    )
+    lr: float = _flag(5e-4, "AdamW learning rate of the LoRA adapter.", check=_positive)
+    weight_decay: float = _flag(0.0, "AdamW weight decay of the LoRA adapter.", check=_non_negative)
+    grad_clip: float = _flag(
+        1.0, "Global gradient-norm clip per optimizer step (0 disables clipping).", check=_non_negative
+    )
+    batch_samples: int = _flag(4, "Feedback samples per optimizer step.", check=_positive_int)
+    publish_every: int = _flag(
+        1, "Optimizer steps between published adapter versions.", check=_positive_int
+    )
+    max_staleness: int = _flag(
+        2,
+        "Recorded activations older than this many adapter versions are not replayed; the sample "
+        "is trained by recomputation instead.",
+        check=_non_negative_int,
+    )
+    hedge: str = _flag(
+        "auto",
+        "Per layer during replay: reload recorded tensors from host, recompute the layer from its "
+        "recorded input, or let a measured cost model choose.",
+        choices=HEDGE_POLICIES,
+    )
+    reject_objective: str = _flag(
+        "unlikelihood",
+        "What a 'reject' feedback trains: push the rejected response's tokens down "
+        "(unlikelihood), or record it without training (skip).",
+        choices=REJECT_OBJECTIVES,
+    )
+    # Service.
+    state_dir: str = _flag(
+        _default_state_dir(),
+        "Directory of the durable feedback journal and adapter checkpoints.",
+        metavar="DIR",
+    )
+    keep_checkpoints: int = _flag(
+        10, "Adapter version checkpoints kept on disk (older ones are deleted).", check=_positive_int
+    )
+    max_feedback_bytes: int = _flag(
+        1_000_000, "Largest accepted /v1/feedback request body in bytes (larger gets 413).",
+        check=_positive_int,
+    )
+    admin_key: str | None = _flag(
+        None, "Bearer key required by the /v1/alchemist/* admin endpoints (unset: open).", metavar="KEY"
+    )
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+    # --- transport to the other SGLang processes -------------------------------------------
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "AlchemistConfig":
+        return cls(**json.loads(text))
+
+    def export_to_environment(self) -> None:
+        os.environ[CONFIG_ENV_VAR] = self.to_json()
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config for status pages: the admin key is never echoed back."""
+        values = asdict(self)
+        values["admin_key"] = "<set>" if self.admin_key else None
+        return values
+
+
+def config_from_environment() -> AlchemistConfig | None:
+    """The config exported by our launcher, or None when SGLang was started some other way."""
+    text = os.environ.get(CONFIG_ENV_VAR)
+    return AlchemistConfig.from_json(text) if text else None
+
+
+def flag_name(field_name: str) -> str:
+    return FLAG_PREFIX + field_name.replace("_", "-")
+
+
+def validate(config: AlchemistConfig) -> None:
+    for spec in fields(config):
+        value = getattr(config, spec.name)
+        choices = spec.metadata["choices"]
+        if choices is not None and value not in choices:
+            raise ConfigError(
+                f"{flag_name(spec.name)}: invalid value {value!r}; allowed: {', '.join(choices)}"
+            )
+        check = spec.metadata["check"]
+        if check is not None and value is not None:
+            allowed = check(value)
+            if allowed is not None:
+                shown = ",".join(value) if isinstance(value, list) else value
+                raise ConfigError(f"{flag_name(spec.name)}: invalid value {shown!r}; allowed: {allowed}")
+
+
+def _argparse_type(spec) -> Callable[[str], Any]:
+    """A converter whose failure says what is allowed (argparse prefixes the flag's name)."""
+    parse = spec.metadata["parse"]
+    if parse is not None:
+        return parse
+    if spec.type in ("int", int):
+        convert, allowed = int, "an integer"
+    elif spec.type in ("float", float):
+        convert, allowed = float, "a number"
+    else:
+        return str
+
+    def converter(text: str) -> Any:
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid value {text!r}; allowed: {allowed}") from None
+
+    return converter
+
+
+def add_alchemist_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "sglang_alchemist", "Online continual learning from feedback (sglang_alchemist)."
+    )
+    for spec in fields(AlchemistConfig):
+        default = spec.default if spec.default_factory is MISSING else spec.default_factory()
+        shown_default = ",".join(default) if isinstance(default, list) else default
+        group.add_argument(
+            flag_name(spec.name),
+            dest=f"alchemist_{spec.name}",
+            type=_argparse_type(spec),
+            default=default,
+            metavar=spec.metadata["metavar"] or (
+                "{" + ",".join(spec.metadata["choices"]) + "}" if spec.metadata["choices"] else None
+            ),
+            help=f"{spec.metadata['help']} (default: {shown_default})",
+        )
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """argparse prints usage plus a message; a user fixing a flag needs one line naming it."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise ConfigError(message)
+
+
+def split_alchemist_arguments(argv: list[str]) -> tuple[AlchemistConfig, list[str]]:
+    """Parse the ``--alchemist-*`` flags out of ``argv``; return the config and the rest.
+
+    Raises ConfigError with a one-line message for an unknown ``--alchemist-*`` flag, a value
+    of the wrong type or a value outside what the flag allows.
+    """
+    known = {flag_name(spec.name) for spec in fields(AlchemistConfig)}
+    for token in argv:
+        name = token.split("=", 1)[0]
+        if name.startswith(FLAG_PREFIX) and name not in known:
+            raise ConfigError(
+                f"{name}: unknown flag; the --alchemist-* flags are: {', '.join(sorted(known))}"
+            )
+    parser = _OneLineErrorParser(add_help=False, allow_abbrev=False)
+    add_alchemist_arguments(parser)
+    namespace, rest = parser.parse_known_args(argv)
+    values = {
+        spec.name: getattr(namespace, f"alchemist_{spec.name}") for spec in fields(AlchemistConfig)
+    }
+    return AlchemistConfig(**values), rest

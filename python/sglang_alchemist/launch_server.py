@@ -1,0 +1,130 @@
+"""``python -m sglang_alchemist.launch_server``: SGLang's server plus online learning from feedback.
+
+Takes every SGLang server flag unchanged plus the ``--alchemist-*`` flags (see ``--help``).
+What it does before handing over to SGLang's own launch path:
+
+1. Parses and validates the ``--alchemist-*`` flags; a bad value exits with status 2 and one
+   line naming the flag and what it allows.
+2. Without ``--model-path``, serves the default SmolLM2-135M-Instruct converted by
+   ``scripts/setup.sh`` (and says to run it when missing).
+3. Without a CUDA GPU, sets up SGLang's CPU engine (``compat/cpu.py``): the user sets no
+   environment variable and no PYTHONPATH.
+4. Adds the SGLang flags the training lane relies on, unless the user gave them: the normal
+   (non-overlapped) scheduler loop, so weights never change under an in-flight forward; LoRA
+   serving sized for the trained adapter; and on CUDA with recording enabled, eager prefill
+   (forward hooks do not fire inside CUDA-graph replay; decode graphs stay on).
+5. Exports the config for the other processes and runs SGLang's server; SGLang loads our
+   plugin (``sglang_alchemist.plugin``) in every process it starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from sglang_alchemist.config import ConfigError, add_alchemist_arguments, split_alchemist_arguments
+
+PROG = "python -m sglang_alchemist.launch_server"
+
+
+def _sglang_parser() -> argparse.ArgumentParser:
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    ServerArgs.add_cli_args(parser)
+    return parser
+
+
+def print_help() -> None:
+    parser = _sglang_parser()
+    add_alchemist_arguments(parser)
+    parser.print_help()
+
+
+def _given_sglang_values(sglang_argv: list[str]) -> dict[str, Any]:
+    """What the user's SGLang flags parse to (argparse defaults mean 'not given')."""
+    parser = _sglang_parser()
+    namespace = parser.parse_args(sglang_argv)  # SGLang's own errors surface here, as usual
+    return vars(namespace)
+
+
+def _lora_flags(config, given: dict[str, Any], on_cuda: bool) -> list[str]:
+    flags: list[str] = []
+    if not given.get("enable_lora"):
+        flags.append("--enable-lora")
+    if not given.get("max_lora_rank"):
+        flags += ["--max-lora-rank", str(config.lora_rank)]
+    if not given.get("lora_target_modules"):
+        flags += ["--lora-target-modules", *config.lora_target_modules]
+    if not on_cuda and given.get("lora_backend") in (None, "csgmv"):
+        # csgmv (SGLang's default) is a Triton kernel; torch_native is the CPU-capable one.
+        flags += ["--lora-backend", "torch_native"]
+    return flags
+
+
+def build_sglang_argv(config, sglang_argv: list[str], on_cuda: bool) -> list[str]:
+    from sglang_alchemist.assets import smollm2
+    from sglang_alchemist.compat.cpu import cpu_server_defaults
+
+    given = _given_sglang_values(sglang_argv)
+    argv = list(sglang_argv)
+    if not given.get("model_path"):
+        if not smollm2.default_model_ready():
+            raise ConfigError(
+                f"--model-path: not given and the default model is missing at "
+                f"{smollm2.default_model_dir()}; run scripts/setup.sh (or pass --model-path)"
+            )
+        argv += ["--model-path", str(smollm2.default_model_dir())]
+    if not on_cuda:
+        argv += cpu_server_defaults(given)
+        if given.get("dtype") in (None, "auto"):
+            # bf16 matmuls are several times slower than fp32 on CPUs without AMX/AVX512-BF16.
+            argv += ["--dtype", "float32"]
+    if not given.get("disable_overlap_schedule"):
+        argv.append("--disable-overlap-schedule")
+    argv += _lora_flags(config, given, on_cuda)
+    if on_cuda and config.record != "none" and not given.get("cuda_graph_backend_prefill"):
+        argv += ["--cuda-graph-backend-prefill", "disabled"]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print_help()
+        return
+    try:
+        config, sglang_argv = split_alchemist_arguments(argv)
+    except ConfigError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+    from sglang_alchemist.compat.cpu import cuda_available, prepare_cpu_environment
+
+    on_cuda = cuda_available()
+    if not on_cuda:
+        prepare_cpu_environment()  # before SGLang is imported: it reads the variable at import
+    try:
+        full_argv = build_sglang_argv(config, sglang_argv, on_cuda)
+    except ConfigError as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    config.export_to_environment()
+
+    from sglang.launch_server import run_server
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
+    from sglang.srt.utils import kill_process_tree
+
+    load_plugins()
+    server_args = prepare_server_args(full_argv)
+    try:
+        run_server(server_args)
+    finally:
+        kill_process_tree(os.getpid(), include_parent=False)
+
+
+if __name__ == "__main__":
+    main()

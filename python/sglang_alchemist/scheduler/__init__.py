@@ -1,0 +1,1 @@
+"""Scheduler-process side: SGLang's Scheduler with a training lane and control operations."""
