@@ -16,9 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 CONFIG_ENV_VAR = "SGLANG_ALCHEMIST_CONFIG"
 FLAG_PREFIX = "--alchemist-"
@@ -194,7 +195,7 @@ class AlchemistConfig:
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "AlchemistConfig":
+    def from_json(cls, text: str) -> AlchemistConfig:
         return cls(**json.loads(text))
 
     def export_to_environment(self) -> None:

@@ -46,6 +46,9 @@ def print_help() -> None:
 def _given_sglang_values(sglang_argv: list[str]) -> dict[str, Any]:
     """What the user's SGLang flags parse to (argparse defaults mean 'not given')."""
     parser = _sglang_parser()
+    for action in parser._actions:
+        if action.dest == "model_path":
+            action.required = False  # we supply the default model when it is absent
     namespace = parser.parse_args(sglang_argv)  # SGLang's own errors surface here, as usual
     return vars(namespace)
 

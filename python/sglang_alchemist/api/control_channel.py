@@ -57,7 +57,7 @@ class ControlChannel:
                 AlchemistControlReq(rid=call_id, op=op, payload=payload or {})
             )
             return await asyncio.wait_for(future, timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise SchedulerUnavailable(
                 f"the scheduler did not answer {op!r} within {timeout_s:.0f} s"
             ) from None

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 import platform
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from sglang.srt.managers.scheduler import Scheduler

@@ -1,0 +1,1 @@
+"""Helpers shared by tests, benchmarks and scripts (not used by the server itself)."""
