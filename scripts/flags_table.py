@@ -15,6 +15,8 @@ def flags_table() -> str:
         default = spec.default if spec.default_factory is MISSING else spec.default_factory()
         if isinstance(default, list):
             default = ",".join(default)
+        if isinstance(default, bool):
+            default = "off"
         if spec.name == "state_dir":
             default = "$XDG_STATE_HOME/sglang_alchemist (~/.local/state/sglang_alchemist)"
         choices = spec.metadata["choices"]
@@ -25,6 +27,8 @@ def flags_table() -> str:
 
 def _allowed_from_check(spec) -> str:
     check = spec.metadata["check"]
+    if spec.type in ("bool", bool):
+        return "switch (no value)"
     if check is None:
         return "text"
     probe = -1 if spec.type in ("int", "float") else []

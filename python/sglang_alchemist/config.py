@@ -185,6 +185,11 @@ class AlchemistConfig:
     admin_key: str | None = _flag(
         None, "Bearer key required by the /v1/alchemist/* admin endpoints (unset: open).", metavar="KEY"
     )
+    debug_endpoints: bool = _flag(
+        False,
+        "Enable /v1/alchemist/debug/* (dump a sample's recorded tensors, compute its LoRA gradients) "
+        "for tests and investigations; never on a production server.",
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -262,6 +267,12 @@ def add_alchemist_arguments(parser: argparse.ArgumentParser) -> None:
     for spec in fields(AlchemistConfig):
         default = spec.default if spec.default_factory is MISSING else spec.default_factory()
         shown_default = ",".join(default) if isinstance(default, list) else default
+        if spec.type in ("bool", bool):
+            group.add_argument(
+                flag_name(spec.name), dest=f"alchemist_{spec.name}", action="store_true",
+                help=f"{spec.metadata['help']} (default: off)",
+            )
+            continue
         group.add_argument(
             flag_name(spec.name),
             dest=f"alchemist_{spec.name}",

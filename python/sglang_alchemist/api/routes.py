@@ -58,3 +58,11 @@ def register_routes(app: FastAPI, config: AlchemistConfig) -> None:
             "http_process": {"config": config.public_dict()},
             "schedulers": schedulers,
         }
+
+    if config.debug_endpoints:
+
+        @app.get("/v1/alchemist/debug/record/{completion_id}")
+        async def alchemist_debug_record(completion_id: str):
+            """Dump a served response's recorded tensors to a file on the server (tests only)."""
+            replies = await call_schedulers("debug_record", {"id": completion_id})
+            return replies if isinstance(replies, ORJSONResponse) else replies[0]

@@ -1,10 +1,14 @@
-"""``AlchemistScheduler``: SGLang's Scheduler plus sglang_alchemist's control operations.
+"""``AlchemistScheduler``: SGLang's Scheduler plus sglang_alchemist, through a few overrides.
 
 The plugin swaps this class in for ``sglang.srt.managers.scheduler.Scheduler`` inside the
-scheduler process. It keeps SGLang's batching untouched; everything it adds hangs off a few
+scheduler process. SGLang's batching is untouched; everything added hangs off these
 overrides, so an SGLang upgrade has one class to check:
 
+- ``__init__``: builds the :class:`AlchemistRuntime` once SGLang's model and pools exist.
 - ``init_request_dispatcher``: routes :class:`AlchemistControlReq` to named operations.
+- ``run_batch``: arms the capture hooks around a prefill forward that records.
+- ``process_batch_result``: hands finished requests to the sample table (feedback waits there).
+- ``on_idle``: housekeeping (feedback TTL) while no batch runs.
 """
 
 from __future__ import annotations
@@ -21,16 +25,9 @@ from sglang.utils import TypeBasedDispatcher
 from sglang_alchemist import __version__
 from sglang_alchemist.config import AlchemistConfig, config_from_environment
 from sglang_alchemist.ipc import AlchemistControlReq, AlchemistControlReqOutput
+from sglang_alchemist.scheduler.runtime import AlchemistRuntime, ControlError
 
 logger = logging.getLogger(__name__)
-
-
-class ControlError(Exception):
-    """A control operation refused with an HTTP status the route passes on (e.g. 404)."""
-
-    def __init__(self, status_code: int, message: str) -> None:
-        super().__init__(message)
-        self.status_code = status_code
 
 
 class AlchemistScheduler(Scheduler):
@@ -39,10 +36,13 @@ class AlchemistScheduler(Scheduler):
         if config is None:
             raise RuntimeError("AlchemistScheduler needs the config exported by sglang_alchemist's launcher")
         self.alchemist_config: AlchemistConfig = config
-        self._alchemist_ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
-            "status": self._op_status,
-        }
+        self.alchemist: AlchemistRuntime | None = None
         super().__init__(server_args, port_args)
+        self.alchemist = AlchemistRuntime(config, self)
+        ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"status": self._op_status}
+        if config.debug_endpoints:
+            ops["debug_record"] = self.alchemist.op_debug_record
+        self._alchemist_ops = ops
         logger.info("sglang_alchemist %s scheduler ready on %s", __version__, self.device)
 
     # --- SGLang overrides -----------------------------------------------------------------
@@ -53,14 +53,33 @@ class AlchemistScheduler(Scheduler):
             [(AlchemistControlReq, self.handle_alchemist_control)]
         )
 
+    def run_batch(self, batch, *args, **kwargs):
+        if self.alchemist is None:
+            return super().run_batch(batch, *args, **kwargs)
+        self.alchemist.before_forward(batch)
+        try:
+            return super().run_batch(batch, *args, **kwargs)
+        finally:
+            self.alchemist.after_forward()
+
+    def process_batch_result(self, batch, result):
+        super().process_batch_result(batch, result)
+        if self.alchemist is not None:
+            self.alchemist.after_batch_result(batch)
+
+    def on_idle(self):
+        super().on_idle()
+        if self.alchemist is not None:
+            self.alchemist.housekeeping()
+
     # --- control operations ----------------------------------------------------------------
 
     def handle_alchemist_control(self, request: AlchemistControlReq) -> AlchemistControlReqOutput:
         """Run one control operation; any failure becomes an error reply, never a crash."""
         reply = AlchemistControlReqOutput(rid=request.rid, ok=False)
-        operation = self._alchemist_ops.get(request.op)
+        operation = getattr(self, "_alchemist_ops", {}).get(request.op)
         if operation is None:
-            reply.error, reply.status_code = f"unknown operation {request.op!r}", 400
+            reply.error, reply.status_code = f"unknown or disabled operation {request.op!r}", 404
             return reply
         try:
             reply.payload, reply.ok = operation(request.payload), True
@@ -76,7 +95,6 @@ class AlchemistScheduler(Scheduler):
 
         return {
             "scheduler_class": type(self).__name__,
-            "scheduler_bases": [cls.__name__ for cls in type(self).__mro__[1:3]],
             "device": str(self.device),
             "cuda_available": torch.cuda.is_available(),
             "torch_version": torch.__version__,
@@ -84,4 +102,5 @@ class AlchemistScheduler(Scheduler):
             "sglang_version": sglang.__version__,
             "sglang_alchemist_version": __version__,
             "config": self.alchemist_config.public_dict(),
+            **self.alchemist.status(),
         }

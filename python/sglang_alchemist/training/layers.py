@@ -1,0 +1,152 @@
+"""Differentiable building blocks of a Llama-family decoder layer, in plain PyTorch.
+
+Numerics follow transformers (the reference the trainer's gradients are checked against):
+RMSNorm in fp32 then cast, rotate-half RoPE with cos/sin from transformers' rotary class, SiLU
+gating, grouped-query attention through ``scaled_dot_product_attention``. LoRA parameters are
+fp32 and are cast to the activation dtype per matmul.
+
+``decoder_layer`` runs one layer over a stream of new tokens that attend to an optional prefix
+of keys/values (the prompt, for the target tokens of a training sample) and can also return
+the intermediate values that serving records, which is how recorded activations are produced
+without SGLang (tests, the GPU benchmark) and how a layer is recomputed from its input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from sglang_alchemist.training.model_spec import LayerWeights, ModelGeometry
+
+LoraPair = tuple[torch.Tensor, torch.Tensor]  # (A [rank, in], B [out, rank])
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    dtype = x.dtype
+    x32 = x.to(torch.float32)
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(dtype)
+
+
+def lora_delta(x: torch.Tensor, pair: LoraPair | None, scale: float) -> torch.Tensor | None:
+    if pair is None:
+        return None
+    a, b = pair
+    return (x @ a.to(x.dtype).t()) @ b.to(x.dtype).t() * scale
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pair: LoraPair | None, scale: float
+) -> torch.Tensor:
+    y = F.linear(x, weight, bias)
+    delta = lora_delta(x, pair, scale)
+    return y if delta is None else y + delta
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [tokens, heads, head_dim]; cos/sin: [tokens, head_dim]."""
+    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int
+) -> torch.Tensor:
+    """Causal GQA attention of q ([T, H, D]) over k/v ([prefix_len + T, G, D]); returns [T, H*D].
+
+    Query i (absolute position prefix_len + i) sees keys 0 .. prefix_len + i.
+    """
+    tokens, heads, head_dim = q.shape
+    total = k.shape[0]
+    groups = heads // k.shape[1]
+    query_pos = torch.arange(tokens, device=q.device)[:, None] + prefix_len
+    key_pos = torch.arange(total, device=q.device)[None, :]
+    mask = key_pos <= query_pos
+    keys = k.repeat_interleave(groups, dim=1).transpose(0, 1)
+    values = v.repeat_interleave(groups, dim=1).transpose(0, 1)
+    out = F.scaled_dot_product_attention(q.transpose(0, 1), keys, values, attn_mask=mask)
+    return out.transpose(0, 1).reshape(tokens, heads * head_dim)
+
+
+@dataclass
+class LayerIntermediates:
+    """What serving records for one layer (see ``memory/records.py`` for the definitions)."""
+
+    x: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    attn_out: torch.Tensor
+    h: torch.Tensor
+    gate_up: torch.Tensor
+
+
+@dataclass
+class LayerOutput:
+    out: torch.Tensor  # residual stream after the layer
+    k_rot: torch.Tensor  # [T, G, D] keys after (norm and) RoPE: what later tokens attend to
+    v: torch.Tensor  # [T, G, D]
+    intermediates: LayerIntermediates | None = None
+
+
+def project_qkv(
+    xn: torch.Tensor, weights: LayerWeights, lora: dict[str, LoraPair], scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q = linear(xn, weights.q, weights.q_bias, lora.get("q_proj"), scale)
+    k = linear(xn, weights.k, weights.k_bias, lora.get("k_proj"), scale)
+    v = linear(xn, weights.v, weights.v_bias, lora.get("v_proj"), scale)
+    return q, k, v
+
+
+def rotate_qk(
+    q: torch.Tensor, k: torch.Tensor, weights: LayerWeights, geometry: ModelGeometry,
+    cos: torch.Tensor, sin: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat q/k projections -> [T, heads, D] after the optional per-head norm and RoPE."""
+    tokens = q.shape[0]
+    q = q.view(tokens, geometry.num_heads, geometry.head_dim)
+    k = k.view(tokens, geometry.num_kv_heads, geometry.head_dim)
+    if weights.q_norm is not None:
+        q = rms_norm(q, weights.q_norm, geometry.rms_norm_eps)
+        k = rms_norm(k, weights.k_norm, geometry.rms_norm_eps)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+
+def decoder_layer(
+    x: torch.Tensor,
+    weights: LayerWeights,
+    geometry: ModelGeometry,
+    lora: dict[str, LoraPair],
+    scale: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    prefix_k: torch.Tensor | None = None,
+    prefix_v: torch.Tensor | None = None,
+    keep_intermediates: bool = False,
+) -> LayerOutput:
+    eps = geometry.rms_norm_eps
+    xn = rms_norm(x, weights.input_norm, eps)
+    q, k, v = project_qkv(xn, weights, lora, scale)
+    q_rot, k_rot = rotate_qk(q, k, weights, geometry, cos, sin)
+    v_heads = v.view(x.shape[0], geometry.num_kv_heads, geometry.head_dim)
+    prefix_len = 0 if prefix_k is None else prefix_k.shape[0]
+    keys = k_rot if prefix_k is None else torch.cat([prefix_k, k_rot])
+    values = v_heads if prefix_v is None else torch.cat([prefix_v, v_heads])
+    attn_out = attention(q_rot, keys, values, prefix_len)
+    h = x + linear(attn_out, weights.o, None, lora.get("o_proj"), scale)
+    hn = rms_norm(h, weights.post_norm, eps)
+    gate = linear(hn, weights.gate, None, lora.get("gate_proj"), scale)
+    up = linear(hn, weights.up, None, lora.get("up_proj"), scale)
+    out = h + linear(F.silu(gate) * up, weights.down, None, lora.get("down_proj"), scale)
+    intermediates = None
+    if keep_intermediates:
+        intermediates = LayerIntermediates(
+            x=x, q=q, k=k, v=v, attn_out=attn_out, h=h, gate_up=torch.cat([gate, up], dim=-1)
+        )
+    return LayerOutput(out=out, k_rot=k_rot, v=v_heads, intermediates=intermediates)
