@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 
 def tiny_server_args(model_dir: Path, state_dir: Path, *extra: str) -> list[str]:
     """Flags for a tiny-model server: fp32 for exact parity, a small KV pool, fresh state."""
@@ -22,8 +24,6 @@ def transformers_intermediates(model, input_ids: list[int]) -> dict[str, torch.T
     Keys: ``layer{i}.{x,q,k,v,attn_out,h,gate_up}`` and ``final_hidden`` (last token's residual
     before the final norm), named as in the server's debug record dump.
     """
-    import torch
-
     captured: dict[str, torch.Tensor] = {}
 
     def keep(name, use_input):

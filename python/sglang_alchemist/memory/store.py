@@ -32,14 +32,14 @@ from __future__ import annotations
 import itertools
 import logging
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
 logger = logging.getLogger(__name__)
 
 
-class Tier(str, Enum):
+class Tier(StrEnum):
     DEVICE = "device"
     HOST = "host"
 
