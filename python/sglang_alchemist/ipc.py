@@ -13,6 +13,9 @@ from typing import Any
 import msgspec
 from sglang.srt.managers.io_struct import BaseReq
 
+# Replies with this rid are unsolicited events from the scheduler (e.g. a published version).
+EVENT_RID = "alchemist-event"
+
 
 class AlchemistControlReq(BaseReq, kw_only=True):
     op: str

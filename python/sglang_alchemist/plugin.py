@@ -1,13 +1,22 @@
 """SGLang plugin entry point (group ``sglang.srt.plugins``): installs sglang_alchemist.
 
 SGLang calls :func:`register` once in *every* process it starts (HTTP/tokenizer, scheduler,
-detokenizer), before it builds anything, and then applies the hooks registered here. What each
-process gets:
+detokenizer), before it builds anything, and then applies the hooks registered here. This is
+the complete list of what sglang_alchemist changes in SGLang:
 
-- HTTP process: the ``/v1/alchemist/*`` routes on SGLang's FastAPI app and the control channel
-  to the scheduler (an AFTER hook on the TokenizerManager's communicator set-up).
-- Scheduler process: ``AlchemistScheduler`` in place of SGLang's ``Scheduler`` (a class
-  REPLACE), and on CPU-only machines the pin-memory guard (see ``compat/cpu.py``).
+HTTP process
+- routes on SGLang's FastAPI app (``api/routes.py``);
+- AFTER ``TokenizerControlMixin.init_communicators``: the control channel to the scheduler;
+- BEFORE ``TokenizerManager._validate_and_resolve_lora``: route each request to the served
+  adapter version (``api/adapters.py``);
+- AFTER ``build_endpoint_weight_version_metadata``: a response's ``metadata`` says which
+  adapter version produced it;
+- AROUND ``http_server._wait_and_warmup``: before SGLang's warm-up marks the server healthy,
+  load and serve the adapter version the scheduler restored from the state directory.
+
+Scheduler process
+- REPLACE ``Scheduler`` with ``AlchemistScheduler``;
+- on CPU-only machines, the pin-memory guard (``compat/cpu.py``).
 
 The plugin is active only when sglang_alchemist's launcher exported its config; a plain
 ``sglang serve`` on a machine where this package happens to be installed is left untouched.
@@ -18,8 +27,9 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import sys
+import time
 
-from sglang_alchemist.config import config_from_environment
+from sglang_alchemist.config import AlchemistConfig, config_from_environment
 
 logger = logging.getLogger(__name__)
 
@@ -42,27 +52,78 @@ def register() -> None:
     config = config_from_environment()
     if config is None:
         return
+    if _is_scheduler_process():
+        _register_scheduler_process()
+    elif _is_http_process():
+        _register_http_process(config)
+
+
+def _register_scheduler_process() -> None:
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-    if _is_scheduler_process():
-        from sglang_alchemist.compat.cpu import install_pin_memory_guard
-        from sglang_alchemist.scheduler.alchemist_scheduler import AlchemistScheduler
+    from sglang_alchemist.compat.cpu import install_pin_memory_guard
+    from sglang_alchemist.scheduler.alchemist_scheduler import AlchemistScheduler
 
-        install_pin_memory_guard()
-        HookRegistry.register(f"{SCHEDULER_MODULE}.Scheduler", AlchemistScheduler, HookType.REPLACE)
-    elif _is_http_process():
-        from sglang.srt.entrypoints.http_server import app
+    install_pin_memory_guard()
+    HookRegistry.register(f"{SCHEDULER_MODULE}.Scheduler", AlchemistScheduler, HookType.REPLACE)
 
-        from sglang_alchemist.api.control_channel import install_control_channel
-        from sglang_alchemist.api.routes import register_routes
 
-        def after_init_communicators(result, tokenizer_manager, *args, **kwargs):
-            install_control_channel(tokenizer_manager)
-            return result
+def _register_http_process(config: AlchemistConfig) -> None:
+    from sglang.srt.entrypoints.http_server import app
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
-        HookRegistry.register(
-            "sglang.srt.managers.tokenizer_control_mixin.TokenizerControlMixin.init_communicators",
-            after_init_communicators,
-            HookType.AFTER,
-        )
-        register_routes(app, config)
+    from sglang_alchemist.api.control_channel import install_control_channel
+    from sglang_alchemist.api.routes import INTERNAL_HEADER, AlchemistApi
+
+    api = AlchemistApi(config)
+    api.register(app)
+
+    def after_init_communicators(result, tokenizer_manager, *args, **kwargs):
+        install_control_channel(tokenizer_manager, api.on_scheduler_event)
+        return result
+
+    def before_resolve_lora(tokenizer_manager, obj, *args, **kwargs):
+        api.router.route(obj)
+
+    def after_weight_version_metadata(metadata, meta_info, *args, **kwargs):
+        version = api.router.version_for_request(meta_info.get("id", ""))
+        if version is not None:
+            metadata = dict(metadata or {})
+            metadata["alchemist_adapter_version"] = version
+        return metadata
+
+    def around_wait_and_warmup(original, server_args, *args, **kwargs):
+        _restore_served_version(server_args, api.internal_token, INTERNAL_HEADER)
+        return original(server_args, *args, **kwargs)
+
+    register_hook = HookRegistry.register
+    register_hook("sglang.srt.managers.tokenizer_control_mixin.TokenizerControlMixin.init_communicators",
+                  after_init_communicators, HookType.AFTER)
+    register_hook("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_and_resolve_lora",
+                  before_resolve_lora, HookType.BEFORE)
+    register_hook("sglang.srt.utils.weight_versions.build_endpoint_weight_version_metadata",
+                  after_weight_version_metadata, HookType.AFTER)
+    register_hook("sglang.srt.entrypoints.http_server._wait_and_warmup", around_wait_and_warmup, HookType.AROUND)
+
+
+def _restore_served_version(server_args, token: str, header: str, timeout_s: float = 300.0) -> None:
+    """Runs in SGLang's warm-up thread: once HTTP answers, serve the scheduler's current version."""
+    import requests
+    from sglang.srt.runtime_context import get_serving
+
+    url = server_args.url()
+    headers = {header: token}
+    if get_serving().api_key:  # SGLang's key check applies to every route
+        headers["Authorization"] = f"Bearer {get_serving().api_key}"
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            response = requests.post(url + "/v1/alchemist/internal/sync", headers=headers, timeout=120)
+            if response.status_code == 200:
+                logger.info("sglang_alchemist: serving %s", response.json())
+                return
+            logger.warning("sglang_alchemist: restoring the served adapter failed: %s", response.text)
+            return
+        except requests.exceptions.RequestException:
+            time.sleep(0.5)
+    logger.error("sglang_alchemist: the server did not answer; the base model is served")

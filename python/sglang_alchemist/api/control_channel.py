@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from sglang.utils import TypeBasedDispatcher
 
-from sglang_alchemist.ipc import AlchemistControlReq, AlchemistControlReqOutput
+from sglang_alchemist.ipc import EVENT_RID, AlchemistControlReq, AlchemistControlReqOutput
 
 
 class SchedulerUnavailable(Exception):
@@ -31,12 +32,18 @@ class _PendingCall:
 
 
 class ControlChannel:
-    def __init__(self, tokenizer_manager: Any, replies_per_call: int) -> None:
+    def __init__(self, tokenizer_manager: Any, replies_per_call: int,
+                 on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
         self._tokenizer_manager = tokenizer_manager
         self._replies_per_call = replies_per_call
+        self._on_event = on_event
         self._pending: dict[str, _PendingCall] = {}
 
     def handle_reply(self, reply: AlchemistControlReqOutput) -> None:
+        if reply.rid == EVENT_RID:
+            if self._on_event is not None:
+                self._on_event(reply.payload)
+            return
         pending = self._pending.get(reply.rid or "")
         if pending is None or pending.future.done():
             return  # the caller timed out and left
@@ -65,7 +72,7 @@ class ControlChannel:
             self._pending.pop(call_id, None)
 
 
-def install_control_channel(tokenizer_manager: Any) -> None:
+def install_control_channel(tokenizer_manager: Any, on_event: Callable[[dict[str, Any]], None]) -> None:
     """Attach a :class:`ControlChannel` to SGLang's TokenizerManager and route replies to it.
 
     Registered as an AFTER hook on ``TokenizerControlMixin.init_communicators``, which runs in
@@ -73,7 +80,7 @@ def install_control_channel(tokenizer_manager: Any) -> None:
     """
     from sglang.srt.runtime_context import get_parallel
 
-    channel = ControlChannel(tokenizer_manager, get_parallel().num_dp_ranks)
+    channel = ControlChannel(tokenizer_manager, get_parallel().num_dp_ranks, on_event)
     tokenizer_manager.alchemist_control = channel
     tokenizer_manager._result_dispatcher += TypeBasedDispatcher(
         [(AlchemistControlReqOutput, channel.handle_reply)]

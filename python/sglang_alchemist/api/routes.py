@@ -1,23 +1,45 @@
 """Routes sglang_alchemist adds to SGLang's own FastAPI app (same port, same process).
 
-Handlers are thin: they validate HTTP input, call the scheduler over the control channel and
-shape the reply. Anything that needs the model or the trainer happens in the scheduler process.
+| route | auth | what |
+| --- | --- | --- |
+| ``POST /v1/feedback`` | SGLang ``--api-key`` | accept / correct / reject a response (``api/feedback.py``) |
+| ``GET /v1/alchemist/status`` | admin | versions, config, recording, store, training, SLO, journal |
+| ``GET /v1/alchemist/versions`` | admin | adapter versions, lineage, which one is served |
+| ``POST /v1/alchemist/rollback`` | admin | ``{"version": N}``: serve and train from version N again |
+| ``POST /v1/alchemist/pause``, ``/resume`` | admin | stop / restart training (serving goes on) |
+| ``GET /v1/alchemist/completions/{id}`` | admin | which adapter version produced a response |
+| ``GET /v1/alchemist/metrics`` | admin | Prometheus text format |
+| ``/v1/alchemist/debug/*`` | admin | only with ``--alchemist-debug-endpoints`` (tests) |
+
+Admin routes need ``--alchemist-admin-key`` when it is set, as ``Authorization: Bearer <key>``
+or, when SGLang's ``--api-key`` already occupies that header, ``X-Alchemist-Admin-Key: <key>``.
+Handlers are thin: validate HTTP input, call the scheduler over the control channel, shape
+the reply. Anything that needs the model or the trainer happens in the scheduler process.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import secrets
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import ORJSONResponse
+from fastapi.responses import ORJSONResponse, PlainTextResponse
 
 from sglang_alchemist import __version__
+from sglang_alchemist.api.adapters import AdapterRouter
 from sglang_alchemist.api.control_channel import SchedulerUnavailable
 from sglang_alchemist.api.errors import openai_error
+from sglang_alchemist.api.feedback import FeedbackService, feedback_route
+from sglang_alchemist.api.metrics import prometheus_text
 from sglang_alchemist.config import AlchemistConfig
+from sglang_alchemist.feedback.journal import Journal, journal_path
 
 logger = logging.getLogger(__name__)
+
+ADMIN_HEADER = "x-alchemist-admin-key"
+INTERNAL_HEADER = "x-alchemist-internal-token"
 
 
 def _tokenizer_manager() -> Any:
@@ -41,28 +63,170 @@ async def call_schedulers(op: str, payload: dict[str, Any] | None = None) -> lis
     return [reply.payload for reply in replies]
 
 
-def register_routes(app: FastAPI, config: AlchemistConfig) -> None:
-    import sglang
+class AlchemistApi:
+    """State of the HTTP process: config, journal, adapter routing; installs the routes."""
 
-    @app.get("/v1/alchemist/status")
-    async def alchemist_status(request: Request):
-        schedulers = await call_schedulers("status")
-        if isinstance(schedulers, ORJSONResponse):
-            return schedulers
-        tokenizer_manager = _tokenizer_manager()
-        return {
-            "object": "alchemist.status",
-            "sglang_alchemist_version": __version__,
-            "sglang_version": sglang.__version__,
-            "served_model_name": tokenizer_manager.served_model_name,
-            "http_process": {"config": config.public_dict()},
-            "schedulers": schedulers,
-        }
+    def __init__(self, config: AlchemistConfig) -> None:
+        self.config = config
+        self.journal = Journal(journal_path(config.state_dir))
+        self.router = AdapterRouter()
+        self.feedback = FeedbackService(self.journal, config, call_schedulers)
+        self.internal_token = secrets.token_hex(16)
+        self._tasks: set = set()
 
-    if config.debug_endpoints:
+    # --- auth --------------------------------------------------------------------------------
 
-        @app.get("/v1/alchemist/debug/record/{completion_id}")
-        async def alchemist_debug_record(completion_id: str):
-            """Dump a served response's recorded tensors to a file on the server (tests only)."""
-            replies = await call_schedulers("debug_record", {"id": completion_id})
+    def admin_denied(self, request: Request) -> ORJSONResponse | None:
+        key = self.config.admin_key
+        if not key:
+            return None
+        offered = request.headers.get(ADMIN_HEADER)
+        authorization = request.headers.get("authorization", "")
+        if offered is None and authorization.lower().startswith("bearer "):
+            offered = authorization[7:]
+        if offered is None or not secrets.compare_digest(offered, key):
+            return openai_error(401, "this endpoint needs the admin key (--alchemist-admin-key): send "
+                                     "'Authorization: Bearer <key>' or 'X-Alchemist-Admin-Key: <key>'")
+        return None
+
+    # --- events from the scheduler ----------------------------------------------------------
+
+    def on_scheduler_event(self, payload: dict[str, Any]) -> None:
+        import asyncio
+
+        if payload.get("event") == "version_published":
+            task = asyncio.get_running_loop().create_task(self._serve(payload["version"], payload["path"]))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _serve(self, version: int, path: str | None) -> None:
+        try:
+            await self.router.serve_version(_tokenizer_manager(), version, path)
+        except Exception:
+            logger.exception("sglang_alchemist: could not serve adapter version %d", version)
+
+    async def sync_served_version(self) -> dict:
+        """Serve the scheduler's current version (after a restart, or a rollback)."""
+        replies = await call_schedulers("versions")
+        if isinstance(replies, ORJSONResponse):
+            raise RuntimeError(replies.body.decode())
+        current = replies[0]["current"]
+        path = None
+        if current:
+            path = str(next(v for v in replies[0]["versions"] if v["version"] == current)["path"])
+        await self.router.serve_version(_tokenizer_manager(), current, path)
+        return self.router.status()
+
+    # --- routes ------------------------------------------------------------------------------
+
+    def register(self, app: FastAPI) -> None:
+        import sglang
+
+        api = self
+
+        async def scheduler_op(request: Request, op: str, payload: dict | None = None):
+            denied = api.admin_denied(request)
+            if denied is not None:
+                return denied
+            replies = await call_schedulers(op, payload)
             return replies if isinstance(replies, ORJSONResponse) else replies[0]
+
+        @app.post("/v1/feedback")
+        async def alchemist_feedback(request: Request):
+            return await feedback_route(request, api.feedback, _tokenizer_manager().tokenizer)
+
+        @app.get("/v1/alchemist/status")
+        async def alchemist_status(request: Request):
+            denied = api.admin_denied(request)
+            if denied is not None:
+                return denied
+            schedulers = await call_schedulers("status")
+            if isinstance(schedulers, ORJSONResponse):
+                return schedulers
+            return {
+                "object": "alchemist.status",
+                "sglang_alchemist_version": __version__,
+                "sglang_version": sglang.__version__,
+                "served_model_name": _tokenizer_manager().served_model_name,
+                "serving": api.router.status(),
+                "http_process": {"config": api.config.public_dict()},
+                "schedulers": schedulers,
+            }
+
+        @app.get("/v1/alchemist/versions")
+        async def alchemist_versions(request: Request):
+            result = await scheduler_op(request, "versions")
+            if isinstance(result, ORJSONResponse):
+                return result
+            return {"object": "alchemist.versions", **result, **api.router.status()}
+
+        @app.post("/v1/alchemist/rollback")
+        async def alchemist_rollback(request: Request):
+            denied = api.admin_denied(request)
+            if denied is not None:
+                return denied
+            try:
+                body = json.loads(await request.body())
+            except json.JSONDecodeError:
+                return openai_error(400, "the body must be JSON: {\"version\": N}")
+            version = body.get("version") if isinstance(body, dict) else None
+            if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+                return openai_error(400, "'version' must be a non-negative integer", "version")
+            replies = await call_schedulers("rollback", {"version": version})
+            if isinstance(replies, ORJSONResponse):
+                return replies
+            await api.router.serve_version(_tokenizer_manager(), version, replies[0]["path"])
+            return {"object": "alchemist.rollback", "version": version, **api.router.status()}
+
+        @app.post("/v1/alchemist/pause")
+        async def alchemist_pause(request: Request):
+            return await scheduler_op(request, "pause")
+
+        @app.post("/v1/alchemist/resume")
+        async def alchemist_resume(request: Request):
+            return await scheduler_op(request, "resume")
+
+        @app.get("/v1/alchemist/completions/{completion_id}")
+        async def alchemist_completion(request: Request, completion_id: str):
+            denied = api.admin_denied(request)
+            if denied is not None:
+                return denied
+            version = api.router.version_for_request(completion_id)
+            if version is None:
+                return openai_error(404, f"no response with id {completion_id!r} was served by this process")
+            return {"id": completion_id, "adapter_version": version}
+
+        @app.get("/v1/alchemist/metrics")
+        async def alchemist_metrics(request: Request):
+            denied = api.admin_denied(request)
+            if denied is not None:
+                return denied
+            schedulers = await call_schedulers("status")
+            if isinstance(schedulers, ORJSONResponse):
+                return schedulers
+            return PlainTextResponse(prometheus_text(schedulers, api.router.status()),
+                                     media_type="text/plain; version=0.0.4")
+
+        @app.post("/v1/alchemist/internal/sync")
+        async def alchemist_internal_sync(request: Request):
+            if not secrets.compare_digest(request.headers.get(INTERNAL_HEADER, ""), api.internal_token):
+                return openai_error(403, "internal endpoint")
+            return await api.sync_served_version()
+
+        if api.config.debug_endpoints:
+            self._register_debug(app, scheduler_op)
+
+    def _register_debug(self, app: FastAPI, scheduler_op) -> None:
+        @app.get("/v1/alchemist/debug/record/{completion_id}")
+        async def alchemist_debug_record(request: Request, completion_id: str):
+            """Dump a served response's recorded tensors to a file on the server."""
+            return await scheduler_op(request, "debug_record", {"id": completion_id})
+
+        @app.post("/v1/alchemist/debug/gradients")
+        async def alchemist_debug_gradients(request: Request):
+            """LoRA gradients of given items at the trainer's current weights (written to a file)."""
+            return await scheduler_op(request, "debug_gradients", json.loads(await request.body()))
+
+        @app.post("/v1/alchemist/debug/move_to_host")
+        async def alchemist_debug_move_to_host(request: Request):
+            return await scheduler_op(request, "debug_move_to_host", json.loads(await request.body()))

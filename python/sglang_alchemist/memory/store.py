@@ -288,6 +288,18 @@ class ActivationStore:
             current.wait_event(chunk_layer.copy_done)  # the host copy may still be in flight
         return chunk_layer.tensors[name].to(self.device, non_blocking=True)
 
+    def move_layer_to_host(self, chunk: RecordedChunk, layer: int) -> bool:
+        """Move one layer of a chunk to the host tier now (as eviction would); False if impossible."""
+        chunk_layer = chunk.layers[layer]
+        if chunk_layer.tier is Tier.HOST or not self._make_host_room(chunk_layer.nbytes, protect=chunk):
+            return False
+        chunk.layers[layer] = self._to_host(chunk_layer)
+        self.device_bytes -= chunk_layer.nbytes
+        self.host_bytes += chunk_layer.nbytes
+        self.counters.layers_moved_to_host += 1
+        self._note_peaks()
+        return True
+
     # --- status -----------------------------------------------------------------------------
 
     def status(self) -> dict:
@@ -318,15 +330,9 @@ class ActivationStore:
             )
             if victim is None:
                 return False
-            index = next(i for i, layer in enumerate(victim.layers) if layer.tier is Tier.DEVICE)
-            layer = victim.layers[index]
-            if not self._make_host_room(layer.nbytes, protect=victim):
-                self._drop(victim)
-                continue
-            victim.layers[index] = self._to_host(layer)
-            self.device_bytes -= layer.nbytes
-            self.host_bytes += layer.nbytes
-            self.counters.layers_moved_to_host += 1
+            first_on_device = next(i for i, layer in enumerate(victim.layers) if layer.tier is Tier.DEVICE)
+            if not self.move_layer_to_host(victim, first_on_device):
+                self._drop(victim)  # no host room even after dropping older chunks
         return True
 
     def _make_host_room(self, nbytes: int, protect: RecordedChunk | None) -> bool:

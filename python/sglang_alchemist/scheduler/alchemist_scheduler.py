@@ -7,8 +7,9 @@ overrides, so an SGLang upgrade has one class to check:
 - ``__init__``: builds the :class:`AlchemistRuntime` once SGLang's model and pools exist.
 - ``init_request_dispatcher``: routes :class:`AlchemistControlReq` to named operations.
 - ``run_batch``: arms the capture hooks around a prefill forward that records.
-- ``process_batch_result``: hands finished requests to the sample table (feedback waits there).
-- ``on_idle``: housekeeping (feedback TTL) while no batch runs.
+- ``process_batch_result``: hands finished requests to the sample table (feedback waits there),
+  then runs training slices within the SLO controller's grant.
+- ``on_idle``: training slices (larger grants) and housekeeping while no batch runs.
 """
 
 from __future__ import annotations
@@ -39,9 +40,23 @@ class AlchemistScheduler(Scheduler):
         self.alchemist: AlchemistRuntime | None = None
         super().__init__(server_args, port_args)
         self.alchemist = AlchemistRuntime(config, self)
-        ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {"status": self._op_status}
+        runtime = self.alchemist
+        ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+            "status": self._op_status,
+            "lookup": runtime.op_lookup,
+            "enqueue": runtime.op_enqueue,
+            "drop": runtime.op_drop,
+            "versions": runtime.op_versions,
+            "rollback": runtime.op_rollback,
+            "pause": runtime.op_pause,
+            "resume": runtime.op_resume,
+        }
         if config.debug_endpoints:
-            ops["debug_record"] = self.alchemist.op_debug_record
+            ops.update(
+                debug_record=runtime.op_debug_record,
+                debug_gradients=runtime.op_debug_gradients,
+                debug_move_to_host=runtime.op_debug_move_to_host,
+            )
         self._alchemist_ops = ops
         logger.info("sglang_alchemist %s scheduler ready on %s", __version__, self.device)
 
@@ -65,12 +80,13 @@ class AlchemistScheduler(Scheduler):
     def process_batch_result(self, batch, result):
         super().process_batch_result(batch, result)
         if self.alchemist is not None:
-            self.alchemist.after_batch_result(batch)
+            running = len(batch.reqs) + len(self.running_batch.reqs)
+            self.alchemist.after_batch_result(batch, running=running, waiting=len(self.waiting_queue))
 
     def on_idle(self):
         super().on_idle()
         if self.alchemist is not None:
-            self.alchemist.housekeeping()
+            self.alchemist.on_idle(running=len(self.running_batch.reqs), waiting=len(self.waiting_queue))
 
     # --- control operations ----------------------------------------------------------------
 

@@ -5,7 +5,11 @@ a handful of overrides; this class holds the components and the glue between the
 
 - recording: ``RecordingPolicy`` -> ``PrefillRecorder`` (capture hooks) -> ``ActivationStore``;
 - served samples waiting for feedback: ``SampleTable``;
-- control operations (``op_*``) answered over the control channel.
+- training: ``Trainer`` (LoRA, optimizer, versions) driven by the ``TrainingLane`` within the
+  time the ``SloController`` grants between serving batches;
+- the feedback journal (state changes made here) and the control operations (``op_*``)
+  answered over the control channel; ``version_published`` events go to the HTTP process,
+  which loads each new adapter version into SGLang's LoRA manager and routes requests to it.
 """
 
 from __future__ import annotations
@@ -18,18 +22,24 @@ from typing import Any
 import torch
 
 from sglang_alchemist.config import AlchemistConfig
+from sglang_alchemist.feedback.journal import Journal, journal_path
+from sglang_alchemist.ipc import EVENT_RID, AlchemistControlReqOutput
 from sglang_alchemist.memory.policy import RecordingPolicy
 from sglang_alchemist.memory.recorder import PrefillRecorder
 from sglang_alchemist.memory.records import LAYER_TENSORS, bytes_per_token_per_layer
 from sglang_alchemist.memory.samples import SampleTable
 from sglang_alchemist.memory.store import ActivationStore
+from sglang_alchemist.scheduler.controller import SloController
+from sglang_alchemist.scheduler.training_lane import TrainingLane
+from sglang_alchemist.training.hedging import layer_forward_flops, measure_rates
 from sglang_alchemist.training.model_spec import FrozenModel
 from sglang_alchemist.training.sglang_weights import frozen_model_from_sglang
+from sglang_alchemist.training.trainer import Trainer, TrainerSettings, TrainingItem
+from sglang_alchemist.training.versions import ADAPTER_NAME_PREFIX, VersionHistory, VersionInfo, adapter_name
 
 logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
-ADAPTER_NAME_PREFIX = "alchemist-v"
 HOUSEKEEPING_INTERVAL_S = 1.0
 
 
@@ -71,7 +81,11 @@ class AlchemistRuntime:
         )
         geometry = self.frozen.geometry
         self.dtype = self.frozen.dtype
-        req_to_token = scheduler.req_to_token_pool.req_to_token
+        self.state_dir = Path(config.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.internal_errors = 0
+
+        # recording
         kv_slots = int(model_runner.token_to_kv_pool.size) + int(getattr(model_runner, "page_size", 1) or 1) + 1
         self.store = ActivationStore(
             device=self.device,
@@ -82,12 +96,35 @@ class AlchemistRuntime:
         self.samples = SampleTable(self.store, ttl_s=config.feedback_ttl_s)
         self.recorder = PrefillRecorder(
             model_runner.model, geometry, self.store, self.samples,
-            RecordingPolicy(config.record, config.record_sample_rate), req_to_token, self.version_of, self.dtype,
+            RecordingPolicy(config.record, config.record_sample_rate),
+            scheduler.req_to_token_pool.req_to_token, self.version_of, self.dtype,
         )
-        self.state_dir = Path(config.state_dir)
+
+        # training
+        self.history = VersionHistory.load(self.state_dir / "adapters", config.keep_checkpoints)
+        self.trainer = Trainer(
+            self.frozen, TrainerSettings.from_config(config), self.history, max_positions=model_config.context_len
+        )
+        measure_rates(self.device, self.dtype, self.trainer.hedge)
+        self.journal = Journal(journal_path(self.state_dir))
+        self.lane = TrainingLane(
+            self.trainer, self.journal, config.batch_samples, config.publish_every,
+            on_publish=self._announce_version, release_sample=self.samples.release_sample,
+        )
+        flops_per_token_layer = 3 * layer_forward_flops(geometry, 1)
+        self.controller = SloController(
+            tpot_slo_s=config.tpot_slo_ms / 1000, ttft_slo_s=config.ttft_slo_ms / 1000,
+            train_share=config.train_share,
+            seconds_per_token_layer=flops_per_token_layer / self.trainer.hedge.compute_flops_per_s,
+        )
+        restored = self._requeue_journal()
         self._last_housekeeping = time.monotonic()
         self._armed = False
-        self.internal_errors = 0
+        self._batch_started = 0.0
+        logger.info(
+            "sglang_alchemist: serving adapter version %d; %d queued feedback item(s) restored from the journal",
+            self.history.current, restored,
+        )
 
     # --- adapter versions ------------------------------------------------------------------
 
@@ -99,16 +136,41 @@ class AlchemistRuntime:
         ref = refs.get(lora_id)
         return -1 if ref is None else adapter_version_from_name(ref.lora_name)
 
-    # --- hooks called by AlchemistScheduler ------------------------------------------------
+    def _announce_version(self, info: VersionInfo) -> None:
+        """Tell the HTTP process that a version is checkpointed: it loads it and routes to it."""
+        logger.info("sglang_alchemist: published adapter version %d (loss %s)", info.version, info.recent_loss)
+        self._send_event({"event": "version_published", **self._version_payload(info.version)})
 
-    # Recording must never take serving down: an unexpected error is logged and counted, the
-    # forward goes on unrecorded, and the affected requests train by recomputation.
+    def _version_payload(self, version: int) -> dict[str, Any]:
+        return {
+            "version": version,
+            "adapter": adapter_name(version),
+            "path": str(self.history.checkpoint_dir(version)) if version else None,
+        }
+
+    def _send_event(self, payload: dict[str, Any]) -> None:
+        self.scheduler.send_control_output(AlchemistControlReqOutput(rid=EVENT_RID, ok=True, payload=payload), None)
+
+    def _requeue_journal(self) -> int:
+        """After a restart: feedback not in any checkpoint trains again (by recomputation)."""
+        count = 0
+        for record in self.journal.queued():
+            count += self.lane.enqueue(TrainingItem(
+                feedback_id=record.feedback_id, prompt_ids=record.prompt_ids, target_ids=record.target_ids,
+                objective=record.objective, weight=record.weight, completion_id=record.completion_id,
+            ))
+        return count
+
+    # --- hooks called by AlchemistScheduler ------------------------------------------------
+    # Recording and training must never take serving down: an unexpected error is logged and
+    # counted, the forward goes on unrecorded, a failed training step is retried or dropped.
 
     def before_forward(self, batch) -> None:
+        self._batch_started = time.monotonic()
         try:
             self._armed = batch.forward_mode.is_extend() and self.recorder.before_forward(batch)
         except Exception:
-            self._recording_failed("planning a recorded forward")
+            self._internal_error("planning a recorded forward")
             self.recorder.capture.disarm()
             self._armed = False
 
@@ -119,20 +181,48 @@ class AlchemistRuntime:
         try:
             self.recorder.after_forward()
         except Exception:
-            self._recording_failed("storing recorded activations")
+            self._internal_error("storing recorded activations")
 
-    def after_batch_result(self, batch) -> None:
+    def after_batch_result(self, batch, running: int, waiting: int) -> None:
+        self.controller.on_batch(batch.forward_mode.is_decode(), self._batch_started,
+                                 time.monotonic() - self._batch_started)
         try:
             for req in batch.reqs:
                 if req.finished() and self.samples.get(req.rid) is None:
                     self._on_request_finished(req)
-            self.housekeeping()
         except Exception:
-            self._recording_failed("registering finished requests")
+            self._internal_error("registering finished requests")
+        self.train(running=running, waiting=waiting)
+        self.housekeeping()
 
-    def _recording_failed(self, what: str) -> None:
-        self.internal_errors += 1
-        logger.exception("sglang_alchemist: error while %s (serving continues)", what)
+    def on_idle(self, running: int, waiting: int) -> None:
+        if running == 0:
+            self.controller.on_idle()
+        self.train(running=running, waiting=waiting)
+        self.housekeeping()
+
+    def train(self, running: int, waiting: int) -> None:
+        lane, controller = self.lane, self.controller
+        grant = controller.grant(lane.has_work(), lane.paused, running, waiting)
+        remaining, slices, deferred = grant.budget_s, 0, False
+        idle = grant.reason == "idle"
+        try:
+            while remaining > 0:
+                tokens = lane.next_slice_tokens()
+                if not idle and controller.predicted_slice_s(tokens) > remaining:
+                    deferred = True
+                    break
+                started = time.perf_counter()
+                info = lane.run_one_slice(idle)
+                if info is None:
+                    break
+                elapsed = time.perf_counter() - started
+                controller.observe_slice(info.tokens, elapsed)
+                remaining -= elapsed
+                slices += 1
+        except Exception:
+            self._internal_error("running a training slice")
+        controller.observe_grant_use(slices, deferred)
 
     def housekeeping(self) -> None:
         now = time.monotonic()
@@ -150,6 +240,10 @@ class AlchemistRuntime:
             self.version_of(req.lora_id),
         )
 
+    def _internal_error(self, what: str) -> None:
+        self.internal_errors += 1
+        logger.exception("sglang_alchemist: error while %s (serving continues)", what)
+
     # --- control operations ----------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -164,8 +258,57 @@ class AlchemistRuntime:
             "recording": {"policy": self.config.record, **self.recorder.status()},
             "store": self.store.status(),
             "samples": self.samples.status(),
+            "training": {**self.trainer.status(), **self.lane.status()},
+            "versions": {"current": self.history.current, "latest": self.history.latest},
+            "scheduler": self.controller.status(),
+            "journal": self.journal.counts(),
             "internal_errors": self.internal_errors,
         }
+
+    def op_lookup(self, payload: dict[str, Any]) -> dict[str, Any]:
+        sample = self._served_sample(payload)
+        return {**sample.public(), "prompt_ids": sample.prompt_ids, "output_ids": sample.output_ids,
+                "finish_reason": sample.finish_reason}
+
+    def op_enqueue(self, payload: dict[str, Any]) -> dict[str, Any]:
+        completion_id = payload.get("completion_id")
+        sample = self.samples.take(completion_id) if completion_id else None
+        item = TrainingItem(
+            feedback_id=payload["feedback_id"], prompt_ids=list(payload["prompt_ids"]),
+            target_ids=list(payload["target_ids"]), objective=payload["objective"],
+            weight=float(payload.get("weight", 1.0)), completion_id=completion_id, sample=sample,
+        )
+        blocker = self.trainer.replay_blocker(item)
+        queued = self.lane.enqueue(item)
+        return {"activations_reusable": queued and blocker is None, "replay_blocker": blocker, "queued": queued}
+
+    def op_drop(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Feedback that is journaled but not trained (e.g. a reject with the 'skip' objective)."""
+        completion_id = payload.get("completion_id")
+        if completion_id:
+            self.samples.release(completion_id)
+        return {"released": bool(completion_id)}
+
+    def op_versions(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return self.history.public()
+
+    def op_rollback(self, payload: dict[str, Any]) -> dict[str, Any]:
+        version = payload.get("version")
+        if not isinstance(version, int) or isinstance(version, bool) or version not in self.history.versions:
+            raise ControlError(404, f"unknown adapter version {version!r}; see GET /v1/alchemist/versions")
+        if not self.history.available(version):
+            raise ControlError(409, f"the checkpoint of version {version} was deleted by retention")
+        self.lane.discard_unpublished()
+        self.trainer.rollback(version)
+        return self._version_payload(version)
+
+    def op_pause(self, payload: dict[str, Any]) -> dict[str, Any]:
+        self.lane.paused = True
+        return {"paused": True}
+
+    def op_resume(self, payload: dict[str, Any]) -> dict[str, Any]:
+        self.lane.paused = False
+        return {"paused": False}
 
     def op_debug_record(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Write a served sample's recorded tensors to a safetensors file (tests, investigations)."""
@@ -180,8 +323,7 @@ class AlchemistRuntime:
             loaded = sample.activations.load(layer, LAYER_TENSORS)
             tensors.update({f"layer{layer}.{name}": t.to("cpu").contiguous() for name, t in loaded.items()})
         tensors["final_hidden"] = sample.activations.final_hidden().to("cpu").contiguous()
-        path = self.state_dir / "debug" / f"record-{sample.rid}.safetensors"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = self._debug_path(f"record-{sample.rid}")
         save_file(tensors, str(path))
         views = [
             {"chunk": v.chunk.chunk_id, "owner": v.chunk.owner, "positions": [v.position_start, v.position_end],
@@ -190,9 +332,59 @@ class AlchemistRuntime:
         ]
         return {**info, "path": str(path), "views": views}
 
+    def op_debug_move_to_host(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Move given layers of a served sample's record to the host tier (tests of hedging)."""
+        sample = self._served_sample(payload)
+        if sample.activations is None:
+            raise ControlError(409, "this response has no recorded activations")
+        moved = 0
+        for view in sample.activations.views:
+            for layer in payload.get("layers", []):
+                if self.store.move_layer_to_host(view.chunk, int(layer)):
+                    moved += 1
+        return {"moved": moved}
+
+    def op_debug_gradients(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """LoRA gradients of a (batch of) feedback item(s) at the trainer's current weights.
+
+        ``items``: [{"completion_id"?, "prompt_ids", "target_ids", "objective"?, "weight"?}];
+        ``path``: "auto" (replay when possible) or "recompute"; ``hedge``: optional override.
+        Nothing is trained and no sample is consumed. Gradients go to a safetensors file.
+        """
+        from safetensors.torch import save_file
+
+        items = [
+            TrainingItem(
+                feedback_id=f"debug-{index}", prompt_ids=list(spec["prompt_ids"]), target_ids=list(spec["target_ids"]),
+                objective=spec.get("objective", "sft"), weight=float(spec.get("weight", 1.0)),
+                sample=self.samples.get(spec["completion_id"]) if spec.get("completion_id") else None,
+            )
+            for index, spec in enumerate(payload["items"])
+        ]
+        hedge = self.trainer.hedge
+        saved_mode, before = hedge.mode, dict(hedge.counters.__dict__)
+        hedge.mode = payload.get("hedge", hedge.mode)
+        try:
+            grads, paths = self.trainer.gradients(items, force_recompute=payload.get("path") == "recompute")
+        finally:
+            hedge.mode = saved_mode
+        path = self._debug_path(f"gradients-{int(time.time() * 1000)}")
+        save_file(grads, str(path))
+        return {
+            "path": str(path), "paths": paths, "version": self.history.current,
+            "hedge": {k: v - before[k] for k, v in hedge.counters.__dict__.items()},
+        }
+
+    def _debug_path(self, name: str) -> Path:
+        directory = self.state_dir / "debug"
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory / f"{name}.safetensors"
+
     def _served_sample(self, payload: dict[str, Any]):
         rid = payload.get("id")
         sample = self.samples.get(rid) if isinstance(rid, str) else None
         if sample is None:
-            raise ControlError(404, f"no served response with id {rid!r} is waiting for feedback")
+            raise ControlError(404, f"no served response with id {rid!r} is waiting for feedback "
+                                    "(unknown, already given feedback, or expired)")
         return sample
+

@@ -45,7 +45,7 @@ def module_shapes(geometry) -> dict[str, tuple[int, int]]:
     }
 
 
-def _peft_prefix(layer: int, module: str) -> str:
+def peft_prefix(layer: int, module: str) -> str:
     block = "self_attn" if module in ATTENTION_MODULES else "mlp"
     return f"base_model.model.model.layers.{layer}.{block}.{module}"
 
@@ -90,16 +90,27 @@ class LoraAdapter:
         state = {}
         for index, layer in enumerate(self.params):
             for module, (a, b) in layer.items():
-                prefix = _peft_prefix(index, module)
+                prefix = peft_prefix(index, module)
                 state[f"{prefix}.lora_A.weight"] = a.detach().to("cpu", copy=True).contiguous()
                 state[f"{prefix}.lora_B.weight"] = b.detach().to("cpu", copy=True).contiguous()
         return state
+
+    def peft_grad_dict(self) -> dict[str, torch.Tensor]:
+        """Current gradients under PEFT parameter names (zeros where no gradient exists)."""
+        grads = {}
+        for index, layer in enumerate(self.params):
+            for module, (a, b) in layer.items():
+                prefix = peft_prefix(index, module)
+                for suffix, param in (("lora_A", a), ("lora_B", b)):
+                    grad = param.grad if param.grad is not None else torch.zeros_like(param)
+                    grads[f"{prefix}.{suffix}.weight"] = grad.detach().to("cpu", copy=True)
+        return grads
 
     def load_peft_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
             for index, layer in enumerate(self.params):
                 for module, (a, b) in layer.items():
-                    prefix = _peft_prefix(index, module)
+                    prefix = peft_prefix(index, module)
                     a.copy_(state[f"{prefix}.lora_A.weight"])
                     b.copy_(state[f"{prefix}.lora_B.weight"])
 

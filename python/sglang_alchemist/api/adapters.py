@@ -1,0 +1,119 @@
+"""Which adapter version serves each request, and loading new versions into SGLang.
+
+Routing (a BEFORE hook on ``TokenizerManager._validate_and_resolve_lora``, which runs for every
+generate request - OpenAI chat/completions and native ``/generate`` - after the request id is
+set and before SGLang resolves adapter names):
+
+- no adapter named (``model`` is the served model, or any name without ``:adapter``) -> the
+  latest served version, ``alchemist-vN`` (nothing while version 0, the base model, is served);
+- ``model: "<served-model-name>:base"`` (or ``lora_path: "base"``) -> the base model;
+- an explicit adapter (``model: "<name>:alchemist-v3"``, ``lora_path``) -> that adapter.
+
+The version each request got is remembered by request id, so the response can say which
+adapter produced it (``metadata.alchemist_adapter_version``) and so can
+``GET /v1/alchemist/completions/{id}``.
+
+Publishing: the scheduler checkpoints version N and sends a ``version_published`` event; this
+module loads the checkpoint through SGLang's own ``load_lora_adapter`` (a new adapter id per
+version, so radix-cache entries of other versions stay valid and nothing is flushed), then
+routes new requests to it and unloads versions older than the previous one (requests still
+running on them finish first: SGLang's registry waits for them).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from typing import Any
+
+from sglang_alchemist.training.versions import ADAPTER_NAME_PREFIX, adapter_name
+
+logger = logging.getLogger(__name__)
+
+BASE_ALIAS = "base"
+MAX_REMEMBERED_REQUESTS = 200_000
+
+
+def version_of_adapter(name: str | None) -> int | None:
+    if name is None:
+        return 0
+    if name.startswith(ADAPTER_NAME_PREFIX) and name[len(ADAPTER_NAME_PREFIX):].isdigit():
+        return int(name[len(ADAPTER_NAME_PREFIX):])
+    return None
+
+
+class AdapterRouter:
+    def __init__(self) -> None:
+        self.served_version = 0
+        self.loaded: list[int] = []  # our versions currently loaded in SGLang, oldest first
+        self._by_request: OrderedDict[str, int] = OrderedDict()
+        self._lock: asyncio.Lock | None = None
+
+    # --- routing ----------------------------------------------------------------------------
+
+    def route(self, obj: Any) -> None:
+        """Set ``obj.lora_path`` for a normalized GenerateReqInput (single or batch)."""
+        if not hasattr(obj, "lora_path"):
+            return  # embedding requests and the like: not ours
+        default = adapter_name(self.served_version)
+        rids = [obj.rid] if isinstance(obj.rid, str) else list(obj.rid or [])
+        if isinstance(obj.lora_path, list):
+            paths = [self._resolve(path, default) for path in obj.lora_path]
+            obj.lora_path = paths
+        else:
+            obj.lora_path = self._resolve(obj.lora_path, default)
+            paths = [obj.lora_path] * len(rids)
+        for rid, path in zip(rids, paths, strict=False):
+            version = version_of_adapter(path)
+            if version is not None:  # other adapters a user loaded are not ours to report
+                self._remember(rid, version)
+
+    @staticmethod
+    def _resolve(path: str | None, default: str | None) -> str | None:
+        if path is None:
+            return default
+        if path == BASE_ALIAS:
+            return None
+        return path
+
+    def _remember(self, rid: str, version: int) -> None:
+        self._by_request[rid] = version
+        while len(self._by_request) > MAX_REMEMBERED_REQUESTS:
+            self._by_request.popitem(last=False)
+
+    def version_for_request(self, rid: str) -> int | None:
+        """Our adapter version a request was routed to (0: base), or None if unknown."""
+        return self._by_request.get(rid)
+
+    # --- loading versions -------------------------------------------------------------------
+
+    async def serve_version(self, tokenizer_manager: Any, version: int, path: str | None) -> None:
+        """Load ``version`` into SGLang if needed and route new requests to it."""
+        from sglang.srt.managers.io_struct import LoadLoRAAdapterReqInput, UnloadLoRAAdapterReqInput
+
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            if version != 0 and version not in self.loaded:
+                result = await tokenizer_manager.load_lora_adapter(
+                    LoadLoRAAdapterReqInput(lora_name=adapter_name(version), lora_path=path)
+                )
+                if not result.success:
+                    raise RuntimeError(f"loading adapter version {version} failed: {result.error_message}")
+                self.loaded.append(version)
+            previous, self.served_version = self.served_version, version
+            logger.info("sglang_alchemist: now serving adapter version %d", version)
+            keep = {version, previous}
+            for old in [v for v in self.loaded if v not in keep]:
+                result = await tokenizer_manager.unload_lora_adapter(
+                    UnloadLoRAAdapterReqInput(lora_name=adapter_name(old))
+                )
+                if result.success:
+                    self.loaded.remove(old)
+                else:
+                    logger.warning("unloading adapter version %d failed: %s", old, result.error_message)
+
+    def status(self) -> dict:
+        return {"served_version": self.served_version, "served_adapter": adapter_name(self.served_version),
+                "loaded_versions": list(self.loaded)}

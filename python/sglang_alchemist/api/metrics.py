@@ -1,0 +1,65 @@
+"""Training metrics in the Prometheus text format (``GET /v1/alchemist/metrics``).
+
+Built per scrape from the schedulers' status with ``prometheus_client``'s metric families, so
+the numbers are exactly those of ``/v1/alchemist/status`` (one label ``dp_rank`` per scheduler).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+PREFIX = "sglang_alchemist_"
+
+# (metric name, kind, help, path into a scheduler's status)
+METRICS = [
+    ("optimizer_steps", "counter", "Optimizer steps taken", ("training", "optimizer_steps")),
+    ("samples_trained", "counter", "Feedback samples trained", ("training", "samples_trained")),
+    ("tokens_trained", "counter", "Target tokens trained", ("training", "tokens_trained")),
+    ("samples_replayed", "counter", "Samples trained by replaying recorded activations", ("training", "samples_replayed")),
+    ("samples_recomputed", "counter", "Samples trained by recomputation", ("training", "samples_recomputed")),
+    ("recent_loss", "gauge", "Loss per target token of the last optimizer step", ("training", "recent_loss")),
+    ("queue_depth", "gauge", "Feedback items waiting for training", ("training", "queue_depth")),
+    ("adapter_version", "gauge", "Current adapter version of the trainer", ("versions", "current")),
+    ("store_device_bytes", "gauge", "Recorded activation bytes in the device tier", ("store", "device_bytes")),
+    ("store_host_bytes", "gauge", "Recorded activation bytes in the host tier", ("store", "host_bytes")),
+    ("store_chunks_dropped", "counter", "Recorded chunks dropped for room", ("store", "chunks_dropped")),
+    ("slo_attainment", "gauge", "Share of decode steps within the TPOT target", ("scheduler", "slo_attainment")),
+    ("training_time_share", "gauge", "Training share of busy engine time", ("scheduler", "training_time_share")),
+    ("slices_deferred", "counter", "Training slices deferred to a later gap", ("scheduler", "slices_deferred")),
+    ("journal_queued", "gauge", "Journal records waiting for training", ("journal", "queued")),
+    ("journal_trained", "counter", "Journal records trained", ("journal", "trained")),
+    ("journal_dropped", "counter", "Journal records dropped", ("journal", "dropped")),
+]
+
+
+class _Snapshot:
+    def __init__(self, schedulers: list[dict], serving: dict) -> None:
+        self.schedulers = schedulers
+        self.serving = serving
+
+    def collect(self):
+        for name, kind, help_text, path in METRICS:
+            family_type = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+            family = family_type(PREFIX + name, help_text, labels=["dp_rank"])
+            for rank, status in enumerate(self.schedulers):
+                value = status
+                for key in path:
+                    value = value.get(key) if isinstance(value, dict) else None
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    family.add_metric([str(rank)], float(value))
+            yield family
+        served = GaugeMetricFamily(PREFIX + "served_adapter_version", "Adapter version new requests get")
+        served.add_metric([], float(self.serving["served_version"]))
+        yield served
+        replay = GaugeMetricFamily(PREFIX + "reuse_ratio", "Share of trained samples that replayed recorded activations")
+        replayed = sum(s["training"]["samples_replayed"] for s in self.schedulers)
+        trained = replayed + sum(s["training"]["samples_recomputed"] for s in self.schedulers)
+        replay.add_metric([], replayed / trained if trained else 0.0)
+        yield replay
+
+
+def prometheus_text(schedulers: list[dict], serving: dict) -> bytes:
+    registry = CollectorRegistry()
+    registry.register(_Snapshot(schedulers, serving))
+    return generate_latest(registry)

@@ -1,0 +1,143 @@
+"""Adapter versions: their history, checkpoints on disk, lineage and staleness.
+
+Version 0 is the base model (no adapter). Every publish creates version N+1 whose *parent* is
+the version the trainer started from; a rollback makes an older version current again (the
+next publish becomes its child). The **lineage** is the chain from the current version back
+to 0. A sample recorded while serving version ``v`` may be replayed only if ``v`` is on the
+lineage at most ``--alchemist-max-staleness`` steps back; values recorded under a version of
+an abandoned branch are never replayed.
+
+On disk, under ``<state-dir>/adapters``::
+
+    versions.json          the manifest (history + current version), replaced atomically
+    v<N>/                  PEFT checkpoint: adapter_config.json, adapter_model.safetensors
+    v<N>/trainer_state.pt  optimizer state, to resume training where it stopped
+
+Only the newest ``--alchemist-keep-checkpoints`` version folders are kept (plus the current
+one); their manifest entries remain, marked ``deleted``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ADAPTER_NAME_PREFIX = "alchemist-v"
+
+
+def adapter_name(version: int) -> str | None:
+    return None if version == 0 else f"{ADAPTER_NAME_PREFIX}{version}"
+
+
+@dataclass
+class VersionInfo:
+    version: int
+    parent: int | None
+    created_at: float
+    optimizer_steps: int  # the trainer's total optimizer steps when this version was published
+    samples_trained: int  # feedback samples in the steps since the parent
+    tokens_trained: int
+    recent_loss: float | None = None
+    rolled_back_to: bool = False  # made current again by a rollback at least once
+    deleted: bool = False  # its checkpoint folder was removed by retention
+
+
+@dataclass
+class VersionHistory:
+    directory: Path
+    keep_checkpoints: int
+    versions: dict[int, VersionInfo] = field(default_factory=dict)
+    current: int = 0
+
+    def __post_init__(self) -> None:
+        self.directory = Path(self.directory)
+        if not self.versions:
+            self.versions[0] = VersionInfo(0, None, time.time(), 0, 0, 0)
+
+    # --- persistence ------------------------------------------------------------------------
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.directory / "versions.json"
+
+    def checkpoint_dir(self, version: int) -> Path:
+        return self.directory / f"v{version}"
+
+    @classmethod
+    def load(cls, directory: Path, keep_checkpoints: int) -> VersionHistory:
+        history = cls(Path(directory), keep_checkpoints)
+        if history.manifest_path.exists():
+            data = json.loads(history.manifest_path.read_text())
+            history.versions = {int(v["version"]): VersionInfo(**v) for v in data["versions"]}
+            history.current = int(data["current"])
+        return history
+
+    def save(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        data = {"current": self.current, "versions": [asdict(v) for v in sorted(self.versions.values(),
+                                                                                 key=lambda v: v.version)]}
+        staging = self.manifest_path.with_suffix(".json.tmp")
+        staging.write_text(json.dumps(data, indent=2))
+        os.replace(staging, self.manifest_path)
+
+    # --- lineage ----------------------------------------------------------------------------
+
+    @property
+    def latest(self) -> int:
+        return max(self.versions)
+
+    def lineage(self) -> list[int]:
+        """Versions from the current one back to 0 (current first)."""
+        chain, version = [], self.current
+        while version is not None:
+            chain.append(version)
+            version = self.versions[version].parent
+        return chain
+
+    def staleness(self, version: int) -> int | None:
+        """How many publishes ago ``version`` was current on this lineage; None if not on it."""
+        chain = self.lineage()
+        return chain.index(version) if version in chain else None
+
+    # --- changes ----------------------------------------------------------------------------
+
+    def add(self, info: VersionInfo) -> None:
+        self.versions[info.version] = info
+        self.current = info.version
+        self._apply_retention()
+        self.save()
+
+    def set_current(self, version: int) -> None:
+        self.versions[version].rolled_back_to = True
+        self.current = version
+        self.save()
+
+    def available(self, version: int) -> bool:
+        info = self.versions.get(version)
+        return info is not None and not info.deleted and (
+            version == 0 or (self.checkpoint_dir(version) / "adapter_model.safetensors").exists()
+        )
+
+    def _apply_retention(self) -> None:
+        kept = sorted(v for v, info in self.versions.items() if v > 0 and not info.deleted)
+        for version in kept[: max(0, len(kept) - self.keep_checkpoints)]:
+            if version == self.current:
+                continue
+            shutil.rmtree(self.checkpoint_dir(version), ignore_errors=True)
+            self.versions[version].deleted = True
+
+    def public(self) -> dict:
+        return {
+            "current": self.current,
+            "latest": self.latest,
+            "lineage": self.lineage(),
+            "versions": [
+                {**asdict(info), "adapter": adapter_name(info.version), "available": self.available(info.version),
+                 "path": str(self.checkpoint_dir(info.version)) if info.version else None}
+                for info in sorted(self.versions.values(), key=lambda v: v.version)
+            ],
+        }

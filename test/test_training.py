@@ -1,0 +1,242 @@
+"""Training from feedback by replay, through the real server: gradient parity, hedging, staleness, learning.
+
+One tiny-model server (fp32). First a correction is trained and published as version 1, so the
+adapter is non-zero and every later request is served - and recorded - with it. Then the LoRA
+gradients the trainer computes by *replaying* recorded prefill activations are compared with
+transformers + PEFT running a full forward and backward over prompt + target with the same
+checkpoint (relative error per tensor <= 1e-4): one sample, a batch of samples of different
+lengths, a prompt with a prefix-cache hit, a chunked prefill, and a sample whose first layer
+is in the host tier (recomputed from its input, or reloaded). The module ends with staleness
+and with learning: the loss falls and the served output becomes the correction.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from helpers import tiny_server_args
+
+CHUNK = 32
+TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def server(launch_server, tiny_model_dir, tmp_path_factory):
+    args = tiny_server_args(
+        tiny_model_dir, tmp_path_factory.mktemp("state"),
+        "--chunked-prefill-size", str(CHUNK),
+        "--alchemist-record", "all", "--alchemist-debug-endpoints",
+        "--alchemist-lr", "0.02", "--alchemist-lora-rank", "4", "--alchemist-lora-alpha", "8",
+        "--alchemist-batch-samples", "1", "--alchemist-publish-every", "1", "--alchemist-max-staleness", "0",
+    )
+    server = launch_server(args, name="training")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def chat(server, content: str, max_tokens: int = 6) -> dict:
+    response = requests.post(server.url + "/v1/chat/completions", timeout=120, json={
+        "model": "default", "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens, "temperature": 0,
+    })
+    response.raise_for_status()
+    return response.json()
+
+
+def generate(server, input_ids: list[int], max_new_tokens: int = 3) -> dict:
+    response = requests.post(server.url + "/generate", timeout=120, json={
+        "input_ids": input_ids, "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens},
+    })
+    response.raise_for_status()
+    return response.json()
+
+
+def feedback(server, completion_id: str, correction: str) -> dict:
+    response = requests.post(server.url + "/v1/feedback", timeout=120,
+                             json={"id": completion_id, "type": "correction", "completion": correction})
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def status(server) -> dict:
+    return requests.get(server.url + "/v1/alchemist/status", timeout=60).json()
+
+
+def wait_until_trained(server, served_version: int, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        current = status(server)
+        training = current["schedulers"][0]["training"]
+        if (current["serving"]["served_version"] >= served_version and training["queue_depth"] == 0
+                and not training["step_in_progress"]):
+            return current
+        time.sleep(0.5)
+    raise AssertionError(f"version {served_version} was not served in time: {current}")
+
+
+def chat_prompt_ids(tokenizer, content: str) -> list[int]:
+    messages = [{"role": "user", "content": content}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def server_gradients(server, items: list[dict], **options) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors.torch import load_file
+
+    response = requests.post(server.url + "/v1/alchemist/debug/gradients", json={"items": items, **options},
+                             timeout=300)
+    response.raise_for_status()
+    result = response.json()
+    return load_file(result["path"]), result
+
+
+def peft_gradients(model_dir, checkpoint: str, items: list[dict]) -> dict[str, torch.Tensor]:
+    """transformers + PEFT: full forward and backward over prompt + target of every item."""
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    model = PeftModel.from_pretrained(base, checkpoint, is_trainable=True)
+    total = sum(len(item["target_ids"]) for item in items)
+    for item in items:
+        prompt, target = item["prompt_ids"], item["target_ids"]
+        logits = model(torch.tensor([prompt + target])).logits[0]
+        loss = torch.nn.functional.cross_entropy(logits[len(prompt) - 1 : -1], torch.tensor(target), reduction="sum")
+        (loss / total).backward()
+    return {name.replace(".default", ""): param.grad for name, param in model.named_parameters()
+            if param.grad is not None}
+
+
+def assert_gradients_match(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    assert set(ours) == set(reference)
+    for name, expected in reference.items():
+        error = ((ours[name] - expected).norm() / expected.norm()).item()
+        assert error <= TOLERANCE, f"{name}: relative error {error:.2e}"
+
+
+@pytest.fixture(scope="module")
+def version_one(server, tokenizer):
+    """Train one correction and serve it: later requests are served and recorded with version 1."""
+    first = chat(server, "Name a colour.")
+    feedback(server, first["id"], "Blue is a colour.")
+    current = wait_until_trained(server, served_version=1)
+    versions = requests.get(server.url + "/v1/alchemist/versions", timeout=60).json()
+    return next(v["path"] for v in versions["versions"] if v["version"] == 1), current
+
+
+def test_replayed_gradients_equal_peft_for_one_sample(server, tokenizer, tiny_model_dir, version_one):
+    checkpoint, _ = version_one
+    response = chat(server, "What is a list comprehension?")
+    assert response["metadata"]["alchemist_adapter_version"] == 1
+    item = {"completion_id": response["id"], "prompt_ids": chat_prompt_ids(tokenizer, "What is a list comprehension?"),
+            "target_ids": tokenizer.encode("It builds a list from a loop.") + [tokenizer.eos_token_id]}
+    ours, result = server_gradients(server, [item])
+    assert result["paths"][0]["path"] == "replay" and result["version"] == 1
+    assert_gradients_match(ours, peft_gradients(tiny_model_dir, checkpoint, [item]))
+    recomputed, result = server_gradients(server, [item], path="recompute")
+    assert result["paths"][0]["path"] == "recompute"
+    assert_gradients_match(recomputed, peft_gradients(tiny_model_dir, checkpoint, [item]))
+
+
+def test_replayed_gradients_equal_peft_for_a_batch_of_different_lengths(server, tokenizer, tiny_model_dir,
+                                                                         version_one):
+    checkpoint, _ = version_one
+    items = []
+    for content, target in [("Hi.", "Hello there, how can I help you today?"),
+                            ("Explain the with statement in Python in one long sentence, please.", "Context.")]:
+        response = chat(server, content)
+        items.append({"completion_id": response["id"], "prompt_ids": chat_prompt_ids(tokenizer, content),
+                      "target_ids": tokenizer.encode(target)})
+    ours, result = server_gradients(server, items)
+    assert [p["path"] for p in result["paths"]] == ["replay", "replay"]
+    assert_gradients_match(ours, peft_gradients(tiny_model_dir, checkpoint, items))
+
+
+def test_replayed_gradients_equal_peft_after_a_prefix_cache_hit(server, tokenizer, tiny_model_dir, version_one):
+    checkpoint, _ = version_one
+    prefix = tokenizer("import json\nimport os\n\ndef load(path):\n")["input_ids"]
+    generate(server, prefix, max_new_tokens=2)
+    prompt = prefix + tokenizer("    with open(path) as handle:")["input_ids"]
+    output = generate(server, prompt)
+    assert output["meta_info"]["cached_tokens"] >= len(prefix) - 1
+    record = requests.get(f"{server.url}/v1/alchemist/debug/record/{output['meta_info']['id']}", timeout=60).json()
+    assert len({view["owner"] for view in record["views"]}) == 2  # rows of two requests
+    item = {"completion_id": output["meta_info"]["id"], "prompt_ids": prompt,
+            "target_ids": tokenizer.encode("        return json.load(handle)")}
+    ours, result = server_gradients(server, [item])
+    assert result["paths"][0]["path"] == "replay"
+    assert_gradients_match(ours, peft_gradients(tiny_model_dir, checkpoint, [item]))
+
+
+def test_replayed_gradients_equal_peft_after_a_chunked_prefill(server, tokenizer, tiny_model_dir, version_one):
+    checkpoint, _ = version_one
+    prompt = tokenizer("class Queue:\n    def __init__(self):\n        self.items = []\n\n"
+                       "    def put(self, item):\n        self.items.append(item)\n\n"
+                       "    def size(self):\n        return len(self.items)\n\n    def get(self):\n")["input_ids"]
+    assert len(prompt) > 2 * CHUNK
+    output = generate(server, prompt)
+    record = requests.get(f"{server.url}/v1/alchemist/debug/record/{output['meta_info']['id']}", timeout=60).json()
+    assert len(record["views"]) >= 3
+    item = {"completion_id": output["meta_info"]["id"], "prompt_ids": prompt,
+            "target_ids": tokenizer.encode("        return self.items.pop(0)")}
+    ours, result = server_gradients(server, [item])
+    assert result["paths"][0]["path"] == "replay"
+    assert_gradients_match(ours, peft_gradients(tiny_model_dir, checkpoint, [item]))
+
+
+def test_sample_partly_on_host_is_recomputed_or_reloaded_with_exact_gradients(server, tokenizer, tiny_model_dir,
+                                                                                version_one):
+    checkpoint, _ = version_one
+    content = "Write a haiku about compilers."
+    response = chat(server, content)
+    moved = requests.post(server.url + "/v1/alchemist/debug/move_to_host", timeout=60,
+                          json={"id": response["id"], "layers": [0]}).json()
+    record = requests.get(f"{server.url}/v1/alchemist/debug/record/{response['id']}", timeout=60).json()
+    assert moved["moved"] == len(record["views"]) >= 1  # the chat template's prefix may be a shared chunk
+    assert all(view["tiers"] == ["host", "device"] for view in record["views"])
+    item = {"completion_id": response["id"], "prompt_ids": chat_prompt_ids(tokenizer, content),
+            "target_ids": tokenizer.encode("Tokens flow like streams.")}
+    reference = peft_gradients(tiny_model_dir, checkpoint, [item])
+    ours, result = server_gradients(server, [item], hedge="recompute")
+    assert result["paths"][0] == {"path": "replay", "replay_blocker": None, "layers_recomputed": 1,
+                                  "layers_reloaded": 0}
+    assert result["hedge"]["recompute"] == 1
+    assert_gradients_match(ours, reference)
+    ours, result = server_gradients(server, [item], hedge="reload")
+    assert result["paths"][0]["layers_reloaded"] == 1 and result["paths"][0]["layers_recomputed"] == 0
+    assert_gradients_match(ours, reference)
+
+
+def test_a_stale_sample_is_recomputed_and_counted(server, tokenizer, version_one):
+    _, before = version_one
+    stale = chat(server, "What is a tuple?")  # recorded under the current version
+    newer = chat(server, "Name a fruit.")
+    feedback(server, newer["id"], "An apple.")
+    current_version = before["serving"]["served_version"]
+    wait_until_trained(server, served_version=current_version + 1)
+    reply = feedback(server, stale["id"], "An immutable sequence.")
+    assert reply["activations_reusable"] is False and reply["replay_blocker"] == "stale"
+    after = wait_until_trained(server, served_version=current_version + 2)
+    assert after["schedulers"][0]["training"]["recompute_reasons"].get("stale", 0) >= 1
+
+
+def test_loss_falls_and_the_served_output_becomes_the_correction(server, tokenizer):
+    question, answer = "What is the password?", "The password is swordfish."
+    losses, outputs = [], [chat(server, question, max_tokens=24)]
+    while outputs[-1]["choices"][0]["message"]["content"] != answer and len(losses) < 20:
+        feedback(server, outputs[-1]["id"], answer)
+        trained = wait_until_trained(server, served_version=status(server)["serving"]["served_version"] + 1)
+        losses.append(trained["schedulers"][0]["training"]["recent_loss"])
+        outputs.append(chat(server, question, max_tokens=24))
+    assert outputs[0]["choices"][0]["message"]["content"] != answer
+    assert outputs[-1]["choices"][0]["message"]["content"] == answer, [o["choices"][0]["message"]["content"]
+                                                                      for o in outputs]
+    assert losses[-1] < losses[0] / 2, losses
+    assert outputs[-1]["metadata"]["alchemist_adapter_version"] == status(server)["serving"]["served_version"]
