@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
+import requests
 import torch
 
 
@@ -58,3 +60,87 @@ def transformers_intermediates(model, input_ids: list[int]) -> dict[str, torch.T
         result[f"layer{index}.h"] = captured[f"{index}.x"] + captured[f"{index}.o"]
         result[f"layer{index}.gate_up"] = torch.cat([captured[f"{index}.gate"], captured[f"{index}.up"]], -1)
     return result
+
+
+# --- talking to a launched server -------------------------------------------------------------
+
+GRADIENT_TOLERANCE = 1e-4  # relative error per LoRA gradient tensor
+
+
+def chat(server, content: str, max_tokens: int = 6, model: str = "default") -> dict:
+    response = requests.post(server.url + "/v1/chat/completions", timeout=120, json={
+        "model": model, "messages": [{"role": "user", "content": content}],
+        "max_tokens": max_tokens, "temperature": 0,
+    })
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def generate(server, input_ids: list[int], max_new_tokens: int = 3) -> dict:
+    response = requests.post(server.url + "/generate", timeout=120, json={
+        "input_ids": input_ids, "sampling_params": {"temperature": 0, "max_new_tokens": max_new_tokens},
+    })
+    response.raise_for_status()
+    return response.json()
+
+
+def feedback(server, completion_id: str, correction: str) -> dict:
+    response = requests.post(server.url + "/v1/feedback", timeout=120,
+                             json={"id": completion_id, "type": "correction", "completion": correction})
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def status(server) -> dict:
+    return requests.get(server.url + "/v1/alchemist/status", timeout=60).json()
+
+
+def wait_until_trained(server, served_version: int, timeout_s: float = 120) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        current = status(server)
+        training = current["schedulers"][0]["training"]
+        if (current["serving"]["served_version"] >= served_version and training["queue_depth"] == 0
+                and not training["step_in_progress"]):
+            return current
+        time.sleep(0.5)
+    raise AssertionError(f"version {served_version} was not served in time: {current}")
+
+
+def chat_prompt_ids(tokenizer, content: str) -> list[int]:
+    messages = [{"role": "user", "content": content}]
+    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+
+def server_gradients(server, items: list[dict], **options) -> tuple[dict[str, torch.Tensor], dict]:
+    from safetensors.torch import load_file
+
+    response = requests.post(server.url + "/v1/alchemist/debug/gradients", json={"items": items, **options},
+                             timeout=300)
+    response.raise_for_status()
+    result = response.json()
+    return load_file(result["path"]), result
+
+
+def peft_gradients(model_dir, checkpoint: str, items: list[dict]) -> dict[str, torch.Tensor]:
+    """transformers + PEFT: full forward and backward over prompt + target of every item."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
+    model = PeftModel.from_pretrained(base, checkpoint, is_trainable=True)
+    total = sum(len(item["target_ids"]) for item in items)
+    for item in items:
+        prompt, target = item["prompt_ids"], item["target_ids"]
+        logits = model(torch.tensor([prompt + target])).logits[0]
+        loss = torch.nn.functional.cross_entropy(logits[len(prompt) - 1 : -1], torch.tensor(target), reduction="sum")
+        (loss / total).backward()
+    return {name.replace(".default", ""): param.grad for name, param in model.named_parameters()
+            if param.grad is not None}
+
+
+def assert_gradients_match(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> None:
+    assert set(ours) == set(reference)
+    for name, expected in reference.items():
+        error = ((ours[name] - expected).norm() / expected.norm()).item()
+        assert error <= GRADIENT_TOLERANCE, f"{name}: relative error {error:.2e}"

@@ -94,3 +94,18 @@ def test_cuda_with_recording_disables_prefill_cuda_graphs_only():
     assert "--device" not in argv and "--lora-backend" not in argv
     argv = build_sglang_argv(AlchemistConfig(record="none"), ["--model-path", "m"], on_cuda=True)
     assert "--cuda-graph-backend-prefill" not in argv
+
+
+def test_unsupported_architecture_fails_at_start_with_one_line(tmp_path):
+    (tmp_path / "config.json").write_text('{"architectures": ["GemmaForCausalLM"], "model_type": "gemma"}')
+    result = run_launcher("--model-path", str(tmp_path))
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "GemmaForCausalLM is not supported for training" in lines[0]
+    assert "LlamaForCausalLM" in lines[0]
+
+
+def test_tensor_parallel_is_refused_with_one_line(tiny_model_dir):
+    result = run_launcher("--model-path", str(tiny_model_dir), "--tp-size", "2")
+    assert result.returncode == 2
+    assert "--tp-size" in result.stderr and "allowed: 1" in result.stderr

@@ -16,9 +16,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from helpers import tiny_server_args, transformers_intermediates
 from sglang_alchemist.memory.records import bytes_per_token_per_layer
 from sglang_alchemist.training.model_spec import ModelGeometry
+
+from helpers import tiny_server_args, transformers_intermediates
 
 CHUNK = 32
 DEVICE_MB, HOST_MB = 0.3, 0.9

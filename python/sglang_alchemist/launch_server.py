@@ -67,6 +67,27 @@ def _lora_flags(config, given: dict[str, Any], on_cuda: bool) -> list[str]:
     return flags
 
 
+def _check_trainable(model_path: str, given: dict[str, Any]) -> None:
+    """Fail before SGLang starts when the trainer cannot train this model (one clear line)."""
+    import json
+    from pathlib import Path
+
+    from sglang_alchemist.training.model_spec import SUPPORTED_ARCHITECTURES
+
+    for flag, dest in (("--tp-size", "tp_size"), ("--pp-size", "pp_size"), ("--dp-size", "dp_size")):
+        if (given.get(dest) or 1) > 1:
+            raise ConfigError(f"{flag}: sglang_alchemist trains in one scheduler process; allowed: 1")
+    config_file = Path(model_path) / "config.json"
+    if not config_file.is_file():
+        return  # not a local folder: the scheduler checks once the model is loaded
+    architectures = json.loads(config_file.read_text()).get("architectures") or ["unknown"]
+    if architectures[0] not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(
+            f"--model-path: {architectures[0]} is not supported for training; "
+            f"allowed architectures: {', '.join(SUPPORTED_ARCHITECTURES)}"
+        )
+
+
 def build_sglang_argv(config, sglang_argv: list[str], on_cuda: bool) -> list[str]:
     from sglang_alchemist.assets import smollm2
     from sglang_alchemist.compat.cpu import cpu_server_defaults
@@ -80,6 +101,7 @@ def build_sglang_argv(config, sglang_argv: list[str], on_cuda: bool) -> list[str
                 f"{smollm2.default_model_dir()}; run scripts/setup.sh (or pass --model-path)"
             )
         argv += ["--model-path", str(smollm2.default_model_dir())]
+    _check_trainable(given.get("model_path") or str(smollm2.default_model_dir()), given)
     if not on_cuda:
         argv += cpu_server_defaults(given)
         if given.get("dtype") in (None, "auto"):

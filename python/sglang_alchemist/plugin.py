@@ -7,8 +7,9 @@ the complete list of what sglang_alchemist changes in SGLang:
 HTTP process
 - routes on SGLang's FastAPI app (``api/routes.py``);
 - AFTER ``TokenizerControlMixin.init_communicators``: the control channel to the scheduler;
-- BEFORE ``TokenizerManager._validate_and_resolve_lora``: route each request to the served
-  adapter version (``api/adapters.py``);
+- AROUND ``TokenizerManager._validate_and_resolve_lora``: route each request to the served
+  adapter version, loading a checkpointed version a request names explicitly
+  (``api/adapters.py``);
 - AFTER ``build_endpoint_weight_version_metadata``: a response's ``metadata`` says which
   adapter version produced it;
 - AROUND ``http_server._wait_and_warmup``: before SGLang's warm-up marks the server healthy,
@@ -82,8 +83,10 @@ def _register_http_process(config: AlchemistConfig) -> None:
         install_control_channel(tokenizer_manager, api.on_scheduler_event)
         return result
 
-    def before_resolve_lora(tokenizer_manager, obj, *args, **kwargs):
+    async def around_resolve_lora(original, tokenizer_manager, obj, *args, **kwargs):
         api.router.route(obj)
+        await api.router.ensure_loaded(tokenizer_manager, obj)
+        return await original(tokenizer_manager, obj, *args, **kwargs)
 
     def after_weight_version_metadata(metadata, meta_info, *args, **kwargs):
         version = api.router.version_for_request(meta_info.get("id", ""))
@@ -100,7 +103,7 @@ def _register_http_process(config: AlchemistConfig) -> None:
     register_hook("sglang.srt.managers.tokenizer_control_mixin.TokenizerControlMixin.init_communicators",
                   after_init_communicators, HookType.AFTER)
     register_hook("sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_and_resolve_lora",
-                  before_resolve_lora, HookType.BEFORE)
+                  around_resolve_lora, HookType.AROUND)
     register_hook("sglang.srt.utils.weight_versions.build_endpoint_weight_version_metadata",
                   after_weight_version_metadata, HookType.AFTER)
     register_hook("sglang.srt.entrypoints.http_server._wait_and_warmup", around_wait_and_warmup, HookType.AROUND)

@@ -16,14 +16,16 @@ adapter produced it (``metadata.alchemist_adapter_version``) and so can
 Publishing: the scheduler checkpoints version N and sends a ``version_published`` event; this
 module loads the checkpoint through SGLang's own ``load_lora_adapter`` (a new adapter id per
 version, so radix-cache entries of other versions stay valid and nothing is flushed), then
-routes new requests to it and unloads versions older than the previous one (requests still
-running on them finish first: SGLang's registry waits for them).
+routes new requests to it. At most ``MAX_LOADED_VERSIONS`` versions stay loaded: the least
+recently used ones are unloaded (requests still running on them finish first: SGLang's registry
+waits for them; a request naming an unloaded version loads it again from its checkpoint).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -33,6 +35,7 @@ logger = logging.getLogger(__name__)
 
 BASE_ALIAS = "base"
 MAX_REMEMBERED_REQUESTS = 200_000
+MAX_LOADED_VERSIONS = 4  # adapters kept loaded in SGLang (the served one, its predecessor, recent ones)
 
 
 def version_of_adapter(name: str | None) -> int | None:
@@ -44,9 +47,11 @@ def version_of_adapter(name: str | None) -> int | None:
 
 
 class AdapterRouter:
-    def __init__(self) -> None:
+    def __init__(self, checkpoints_dir=None) -> None:
+        self.checkpoints_dir = checkpoints_dir  # <state-dir>/adapters: versions loadable on demand
         self.served_version = 0
         self.loaded: list[int] = []  # our versions currently loaded in SGLang, oldest first
+        self._last_routed: dict[int, float] = {}
         self._by_request: OrderedDict[str, int] = OrderedDict()
         self._lock: asyncio.Lock | None = None
 
@@ -68,6 +73,7 @@ class AdapterRouter:
             version = version_of_adapter(path)
             if version is not None:  # other adapters a user loaded are not ours to report
                 self._remember(rid, version)
+                self._last_routed[version] = time.monotonic()
 
     @staticmethod
     def _resolve(path: str | None, default: str | None) -> str | None:
@@ -88,24 +94,48 @@ class AdapterRouter:
 
     # --- loading versions -------------------------------------------------------------------
 
-    async def serve_version(self, tokenizer_manager: Any, version: int, path: str | None) -> None:
-        """Load ``version`` into SGLang if needed and route new requests to it."""
-        from sglang.srt.managers.io_struct import LoadLoRAAdapterReqInput, UnloadLoRAAdapterReqInput
-
+    def _guard(self) -> asyncio.Lock:
+        # Created on first use: the lock must belong to the server's event loop.
         if self._lock is None:
             self._lock = asyncio.Lock()
-        async with self._lock:
-            if version != 0 and version not in self.loaded:
-                result = await tokenizer_manager.load_lora_adapter(
-                    LoadLoRAAdapterReqInput(lora_name=adapter_name(version), lora_path=path)
-                )
-                if not result.success:
-                    raise RuntimeError(f"loading adapter version {version} failed: {result.error_message}")
-                self.loaded.append(version)
+        return self._lock
+
+    async def ensure_loaded(self, tokenizer_manager: Any, obj: Any) -> None:
+        """Load checkpointed versions a request names explicitly (e.g. after a restart)."""
+        paths = obj.lora_path if isinstance(obj.lora_path, list) else [obj.lora_path]
+        for version in {version_of_adapter(p) for p in paths if p}:
+            if version and version not in self.loaded and self.checkpoints_dir is not None:
+                directory = self.checkpoints_dir / f"v{version}"
+                if (directory / "adapter_model.safetensors").exists():
+                    await self._load(tokenizer_manager, version, str(directory))
+
+    async def _load(self, tokenizer_manager: Any, version: int, path: str) -> None:
+        from sglang.srt.managers.io_struct import LoadLoRAAdapterReqInput
+
+        async with self._guard():
+            if version in self.loaded:
+                return
+            result = await tokenizer_manager.load_lora_adapter(
+                LoadLoRAAdapterReqInput(lora_name=adapter_name(version), lora_path=path)
+            )
+            if not result.success:
+                raise RuntimeError(f"loading adapter version {version} failed: {result.error_message}")
+            self.loaded.append(version)
+
+    async def serve_version(self, tokenizer_manager: Any, version: int, path: str | None) -> None:
+        """Load ``version`` into SGLang if needed and route new requests to it."""
+        from sglang.srt.managers.io_struct import UnloadLoRAAdapterReqInput
+
+        if version != 0:
+            await self._load(tokenizer_manager, version, path)
+        async with self._guard():
             previous, self.served_version = self.served_version, version
             logger.info("sglang_alchemist: now serving adapter version %d", version)
-            keep = {version, previous}
-            for old in [v for v in self.loaded if v not in keep]:
+            # Unload the least recently routed versions beyond the cap; never the served one or
+            # its predecessor (requests routed to it a moment ago may still be starting).
+            candidates = sorted((v for v in self.loaded if v not in (version, previous)),
+                                key=lambda v: self._last_routed.get(v, 0.0))
+            for old in candidates[: max(0, len(self.loaded) - MAX_LOADED_VERSIONS)]:
                 result = await tokenizer_manager.unload_lora_adapter(
                     UnloadLoRAAdapterReqInput(lora_name=adapter_name(old))
                 )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -69,7 +70,7 @@ class AlchemistApi:
     def __init__(self, config: AlchemistConfig) -> None:
         self.config = config
         self.journal = Journal(journal_path(config.state_dir))
-        self.router = AdapterRouter()
+        self.router = AdapterRouter(Path(config.state_dir) / "adapters")
         self.feedback = FeedbackService(self.journal, config, call_schedulers)
         self.internal_token = secrets.token_hex(16)
         self._tasks: set = set()

@@ -75,16 +75,37 @@ def build_tokenizer(vocab_size: int):
     return fast
 
 
-def build_tiny_model(output_dir: str | Path, spec: TinyModelSpec = TinyModelSpec()) -> Path:
-    """Write a tokenizer and a seeded random ``LlamaForCausalLM`` (fp32) to ``output_dir``."""
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+
+def _model_classes(architecture: str):
+    import transformers
+
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"architecture must be one of {ARCHITECTURES}")
+    name = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}[architecture]
+    return getattr(transformers, f"{name}Config"), getattr(transformers, f"{name}ForCausalLM")
+
+
+def build_tiny_model(
+    output_dir: str | Path, spec: TinyModelSpec = TinyModelSpec(), architecture: str = "llama"
+) -> Path:
+    """Write a tokenizer and a seeded random causal LM (fp32) to ``output_dir``.
+
+    ``architecture``: ``llama`` (default), ``qwen2`` (q/k/v biases) or ``qwen3`` (per-head q/k
+    RMSNorm) - the families the trainer supports.
+    """
     import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig
+
+    config_class, model_class = _model_classes(architecture)
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(spec.vocab_size)
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = LlamaConfig(
+    extra = {"attention_bias": False} if architecture == "qwen3" else {}
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
@@ -99,15 +120,18 @@ def build_tiny_model(output_dir: str | Path, spec: TinyModelSpec = TinyModelSpec
         bos_token_id=tokenizer.convert_tokens_to_ids("<|im_start|>"),
         eos_token_id=eos_id,
         pad_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
-        torch_dtype="float32",
+        dtype="float32",
+        **extra,
     )
     torch.manual_seed(spec.seed)
-    model = LlamaForCausalLM(config).to(torch.float32)
+    model = model_class(config).to(torch.float32)
     with torch.no_grad():
         # Random norms make every layer's contribution distinct (a real model's are not all 1).
         for name, param in model.named_parameters():
-            if name.endswith("layernorm.weight") or name.endswith("norm.weight"):
+            if name.endswith("norm.weight"):
                 param.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                param.normal_(0.0, 0.1)
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, eos_token_id=eos_id, pad_token_id=config.pad_token_id
     )
@@ -120,8 +144,9 @@ def build_tiny_model(output_dir: str | Path, spec: TinyModelSpec = TinyModelSpec
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir")
+    parser.add_argument("--architecture", choices=ARCHITECTURES, default="llama")
     args = parser.parse_args()
-    print(build_tiny_model(args.output_dir))
+    print(build_tiny_model(args.output_dir, architecture=args.architecture))
 
 
 if __name__ == "__main__":

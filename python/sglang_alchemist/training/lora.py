@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+from sglang_alchemist.config import LORA_TARGET_MODULES as LORA_MODULES
+
+ATTENTION_MODULES = LORA_MODULES[:4]  # q, k, v, o: under self_attn in PEFT names; the rest under mlp
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,140 @@
+"""The trainer core in plain PyTorch, checked against transformers + PEFT (no server).
+
+Records come from ``training.reference.record_prompt`` - the same tensors the serving capture
+stores - so these tests pin down the replay's math for each supported architecture and
+corner case; the server tests (``test_training.py``) check the same equality end to end.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from transformers import AutoModelForCausalLM
+
+from sglang_alchemist.assets.tiny_model import build_tiny_model
+from sglang_alchemist.training.lora import LORA_MODULES, LoraAdapter, LoraSpec
+from sglang_alchemist.training.model_spec import (
+    ModelGeometry,
+    UnsupportedModelError,
+    frozen_model_from_transformers,
+)
+from sglang_alchemist.training.objectives import unlikelihood_loss
+from sglang_alchemist.training.reference import record_prompt
+from sglang_alchemist.training.step import Example, run_to_completion, sample_step
+
+TOLERANCE = 1e-4
+SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=LORA_MODULES)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2", "qwen3"])
+def setup(request, tmp_path_factory):
+    directory = build_tiny_model(tmp_path_factory.mktemp(request.param), architecture=request.param)
+    base = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager").eval()
+    model = frozen_model_from_transformers(base)
+    adapter = LoraAdapter(SPEC, model.geometry, seed=1)
+    with torch.no_grad():  # a trained-looking adapter: B != 0, so A gets gradients too
+        for param in adapter.parameters():
+            param.normal_(0.0, 0.05)
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=SPEC.rank, lora_alpha=SPEC.alpha,
+                                                          target_modules=list(SPEC.target_modules), lora_dropout=0.0))
+    set_peft_model_state_dict(peft, adapter.peft_state_dict())
+    return request.param, model, adapter, peft
+
+
+def reference_gradients(peft, examples: list[tuple[list[int], list[int]]], objective: str = "sft"):
+    peft.zero_grad()
+    total = sum(len(target) for _, target in examples)
+    for prompt, target in examples:
+        logits = peft(torch.tensor([prompt + target])).logits[0, len(prompt) - 1 : -1]
+        targets = torch.tensor(target)
+        if objective == "sft":
+            loss = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+        else:
+            loss = unlikelihood_loss(logits, targets)
+        (loss / total).backward()
+    return {name.replace(".default", ""): p.grad.clone() for name, p in peft.named_parameters() if p.grad is not None}
+
+
+def our_gradients(model, adapter, examples, replay: bool, objective: str = "sft", host_layers=(), hedge=None):
+    adapter.zero_grad()
+    total = sum(len(target) for _, target in examples)
+    results = []
+    for prompt, target in examples:
+        activations = record_prompt(model, adapter, prompt) if replay else None
+        if activations is not None:
+            activations.move_to_host(host_layers)
+        example = Example(prompt, target, objective, 1.0, activations)
+        results.append(run_to_completion(sample_step(model, adapter, example, 1.0 / total, hedge)))
+    return adapter.peft_grad_dict(), results
+
+
+def assert_close_per_tensor(ours, reference):
+    assert set(ours) == set(reference)
+    for name, expected in reference.items():
+        error = ((ours[name] - expected).norm() / expected.norm()).item()
+        assert error <= TOLERANCE, f"{name}: {error:.2e}"
+
+
+PROMPT = list(range(40, 75))
+TARGET = [300, 301, 7, 99, 512, 13]
+
+
+@pytest.mark.parametrize("replay", [True, False], ids=["replay", "recompute"])
+def test_gradients_equal_peft_for_every_supported_architecture(setup, replay):
+    _, model, adapter, peft = setup
+    ours, results = our_gradients(model, adapter, [(PROMPT, TARGET)], replay)
+    assert results[0].path == ("replay" if replay else "recompute")
+    assert_close_per_tensor(ours, reference_gradients(peft, [(PROMPT, TARGET)]))
+
+
+def test_batch_of_different_lengths_one_token_target_and_one_token_prompt(setup):
+    _, model, adapter, peft = setup
+    examples = [(PROMPT, TARGET), ([5], [6, 7, 8]), (PROMPT[:9], [400])]
+    ours, _ = our_gradients(model, adapter, examples, replay=True)
+    assert_close_per_tensor(ours, reference_gradients(peft, examples))
+
+
+def test_unlikelihood_objective_gradients_equal_reference(setup):
+    _, model, adapter, peft = setup
+    ours, _ = our_gradients(model, adapter, [(PROMPT, TARGET)], replay=True, objective="unlikelihood")
+    assert_close_per_tensor(ours, reference_gradients(peft, [(PROMPT, TARGET)], objective="unlikelihood"))
+
+
+class _Always:
+    def __init__(self, recompute: bool) -> None:
+        self.recompute = recompute
+
+    def recompute_layer(self, activations, layer):
+        return self.recompute
+
+
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute-host-layer", "reload-host-layer"])
+def test_layers_in_the_host_tier_are_recomputed_or_reloaded_exactly(setup, recompute):
+    _, model, adapter, peft = setup
+    ours, results = our_gradients(model, adapter, [(PROMPT, TARGET)], replay=True, host_layers=[0],
+                                  hedge=_Always(recompute))
+    assert (results[0].layers_recomputed, results[0].layers_reloaded) == ((1, 0) if recompute else (0, 1))
+    assert_close_per_tensor(ours, reference_gradients(peft, [(PROMPT, TARGET)]))
+
+
+def test_peft_checkpoint_round_trip(setup, tmp_path):
+    _, model, adapter, peft = setup
+    directory = adapter.save_peft(tmp_path / "v1")
+    config = json.loads((directory / "adapter_config.json").read_text())
+    assert config["r"] == SPEC.rank and config["lora_alpha"] == SPEC.alpha
+    loaded = LoraAdapter(SPEC, model.geometry, seed=9)
+    loaded.load_peft_state_dict(LoraAdapter.read_peft(directory))
+    for ours, theirs in zip(adapter.parameters(), loaded.parameters(), strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def test_unsupported_architecture_is_refused_with_a_clear_message():
+    class Config:
+        architectures = ["GemmaForCausalLM"]
+
+    with pytest.raises(UnsupportedModelError, match="GemmaForCausalLM"):
+        ModelGeometry.from_hf_config(Config())
