@@ -12,9 +12,10 @@ import time
 import pytest
 import requests
 import torch
-from helpers import tiny_server_args
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from helpers import tiny_server_args
 
 API_KEY, ADMIN_KEY = "user-key", "admin-key"
 USER = {"Authorization": f"Bearer {API_KEY}"}

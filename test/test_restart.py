@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import requests
+
 from helpers import chat, status, tiny_server_args
 
 
