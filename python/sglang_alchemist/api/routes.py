@@ -7,6 +7,8 @@
 | ``GET /v1/alchemist/versions`` | admin | adapter versions, lineage, which one is served |
 | ``POST /v1/alchemist/rollback`` | admin | ``{"version": N}``: serve and train from version N again |
 | ``POST /v1/alchemist/pause``, ``/resume`` | admin | stop / restart training (serving goes on) |
+| ``POST /v1/alchemist/slo`` | admin | change ``tpot_slo_ms``, ``ttft_slo_ms``, ``train_share`` at run time |
+| ``POST /v1/alchemist/recording`` | admin | change the recording ``policy`` (and ``sample_rate``) at run time |
 | ``GET /v1/alchemist/completions/{id}`` | admin | which adapter version produced a response |
 | ``GET /v1/alchemist/metrics`` | admin | Prometheus text format |
 | ``/v1/alchemist/debug/*`` | admin | only with ``--alchemist-debug-endpoints`` (tests) |
@@ -62,6 +64,14 @@ async def call_schedulers(op: str, payload: dict[str, Any] | None = None) -> lis
         if not reply.ok:
             return openai_error(reply.status_code, reply.error)
     return [reply.payload for reply in replies]
+
+
+async def _json_object(request: Request) -> dict | ORJSONResponse:
+    try:
+        body = json.loads(await request.body())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return openai_error(400, "the body must be a JSON object")
+    return body if isinstance(body, dict) else openai_error(400, "the body must be a JSON object")
 
 
 class AlchemistApi:
@@ -125,10 +135,15 @@ class AlchemistApi:
 
         api = self
 
-        async def scheduler_op(request: Request, op: str, payload: dict | None = None):
+        async def scheduler_op(request: Request, op: str, with_body: bool = False, payload: dict | None = None):
+            """An admin operation: key check first, then the JSON body (if any), then the scheduler."""
             denied = api.admin_denied(request)
             if denied is not None:
                 return denied
+            if with_body:
+                payload = await _json_object(request)
+                if isinstance(payload, ORJSONResponse):
+                    return payload
             replies = await call_schedulers(op, payload)
             return replies if isinstance(replies, ORJSONResponse) else replies[0]
 
@@ -166,11 +181,10 @@ class AlchemistApi:
             denied = api.admin_denied(request)
             if denied is not None:
                 return denied
-            try:
-                body = json.loads(await request.body())
-            except json.JSONDecodeError:
-                return openai_error(400, "the body must be JSON: {\"version\": N}")
-            version = body.get("version") if isinstance(body, dict) else None
+            body = await _json_object(request)
+            if isinstance(body, ORJSONResponse):
+                return body
+            version = body.get("version")
             if not isinstance(version, int) or isinstance(version, bool) or version < 0:
                 return openai_error(400, "'version' must be a non-negative integer", "version")
             replies = await call_schedulers("rollback", {"version": version})
@@ -186,6 +200,14 @@ class AlchemistApi:
         @app.post("/v1/alchemist/resume")
         async def alchemist_resume(request: Request):
             return await scheduler_op(request, "resume")
+
+        @app.post("/v1/alchemist/slo")
+        async def alchemist_slo(request: Request):
+            return await scheduler_op(request, "set_slo", with_body=True)
+
+        @app.post("/v1/alchemist/recording")
+        async def alchemist_recording(request: Request):
+            return await scheduler_op(request, "set_recording", with_body=True)
 
         @app.get("/v1/alchemist/completions/{completion_id}")
         async def alchemist_completion(request: Request, completion_id: str):
@@ -221,13 +243,13 @@ class AlchemistApi:
         @app.get("/v1/alchemist/debug/record/{completion_id}")
         async def alchemist_debug_record(request: Request, completion_id: str):
             """Dump a served response's recorded tensors to a file on the server."""
-            return await scheduler_op(request, "debug_record", {"id": completion_id})
+            return await scheduler_op(request, "debug_record", payload={"id": completion_id})
 
         @app.post("/v1/alchemist/debug/gradients")
         async def alchemist_debug_gradients(request: Request):
             """LoRA gradients of given items at the trainer's current weights (written to a file)."""
-            return await scheduler_op(request, "debug_gradients", json.loads(await request.body()))
+            return await scheduler_op(request, "debug_gradients", with_body=True)
 
         @app.post("/v1/alchemist/debug/move_to_host")
         async def alchemist_debug_move_to_host(request: Request):
-            return await scheduler_op(request, "debug_move_to_host", json.loads(await request.body()))
+            return await scheduler_op(request, "debug_move_to_host", with_body=True)

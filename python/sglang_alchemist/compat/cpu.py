@@ -16,7 +16,8 @@ machine this module changes nothing.
    scheduler process (pinned memory only speeds up host-to-GPU copies, which do not exist here).
 
 Server flags the CPU needs (torch_native attention and LoRA backends, the pytorch sampler, a
-bounded KV pool) are chosen by :func:`cpu_server_defaults`; a user's own value always wins.
+bounded KV pool, sleeping instead of spinning when idle) are chosen by
+:func:`cpu_server_defaults`; a user's own value always wins.
 """
 
 from __future__ import annotations
@@ -66,6 +67,11 @@ def cpu_server_defaults(given: dict[str, object]) -> list[str]:
         defaults += ["--sampling-backend", "pytorch"]
     if not given.get("max_total_tokens"):
         defaults += ["--max-total-tokens", str(DEFAULT_CPU_MAX_TOTAL_TOKENS)]
+    if not given.get("sleep_on_idle"):
+        # An idle SGLang scheduler polls in a busy loop: on a small CPU machine that is a whole
+        # core taken from serving and training. With this flag it waits on its sockets instead
+        # (AlchemistScheduler keeps it awake while training work is pending).
+        defaults.append("--sleep-on-idle")
     return defaults
 
 

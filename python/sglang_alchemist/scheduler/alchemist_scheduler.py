@@ -10,6 +10,7 @@ overrides, so an SGLang upgrade has one class to check:
 - ``process_batch_result``: hands finished requests to the sample table (feedback waits there),
   then runs training slices within the SLO controller's grant.
 - ``on_idle``: training slices (larger grants) and housekeeping while no batch runs.
+- ``maybe_sleep_on_idle``: never sleeps while training work is pending.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class AlchemistScheduler(Scheduler):
             "rollback": runtime.op_rollback,
             "pause": runtime.op_pause,
             "resume": runtime.op_resume,
+            "set_slo": runtime.op_set_slo,
+            "set_recording": runtime.op_set_recording,
         }
         if config.debug_endpoints:
             ops.update(
@@ -87,6 +90,12 @@ class AlchemistScheduler(Scheduler):
         super().on_idle()
         if self.alchemist is not None:
             self.alchemist.on_idle(running=len(self.running_batch.reqs), waiting=len(self.waiting_queue))
+
+    def maybe_sleep_on_idle(self):
+        # With --sleep-on-idle SGLang blocks here for up to a second; not while training waits.
+        if self.alchemist is not None and self.alchemist.lane.has_work():
+            return
+        super().maybe_sleep_on_idle()
 
     # --- control operations ----------------------------------------------------------------
 

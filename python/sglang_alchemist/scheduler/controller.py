@@ -16,7 +16,9 @@ Policy, in order:
    (``--alchemist-train-share``): training may take at most ``share / (1 - share)`` times the
    serving time of the batch that just ran.
 4. **Idle engine** -> a larger budget (``IDLE_BUDGET_S`` per pass; the loop comes back after
-   each pass to look for new requests, so an arriving request waits at most one slice).
+   each pass to look for new requests, so an arriving request waits at most one slice). The
+   engine counts as idle only after ``IDLE_GRACE_S`` without a batch: the short gaps between
+   the requests of a continuous load are not idle time.
 
 Costs are learned online: the decode step time is an exponential moving average of measured
 decode batches, and a slice's cost is ``seconds per (token x layer)`` times its tokens,
@@ -34,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 
 IDLE_BUDGET_S = 0.25
+IDLE_GRACE_S = 0.1
 SAFETY_MARGIN = 0.1  # of the TPOT target, kept free for scheduler overhead and noise
 SMOOTHING = 0.2
 
@@ -41,7 +44,7 @@ SMOOTHING = 0.2
 @dataclass
 class Grant:
     budget_s: float
-    reason: str  # "paused", "no_work", "waiting_prefill", "decode_slack", "idle"
+    reason: str  # "paused", "no_work", "waiting_prefill", "decode_slack", "idle_grace", "idle"
 
 
 @dataclass
@@ -49,6 +52,7 @@ class ControllerCounters:
     decode_steps: int = 0
     decode_steps_within_slo: int = 0
     grants: dict = field(default_factory=dict)
+    slices_by_grant: dict = field(default_factory=dict)  # slices run under each kind of grant
     training_seconds: float = 0.0
     serving_seconds: float = 0.0
     slices_run: int = 0
@@ -71,6 +75,7 @@ class SloController:
         self._last_decode_end: float | None = None
         self._prefill_since_decode = 0.0
         self._last_batch_s = 0.0
+        self._last_batch_end = float("-inf")
         self._started = time.monotonic()
 
     # --- serving observations --------------------------------------------------------------
@@ -79,6 +84,7 @@ class SloController:
         self.counters.serving_seconds += seconds
         self._last_batch_s = seconds
         end = started + seconds
+        self._last_batch_end = end
         if not is_decode:
             self._prefill_since_decode += seconds
             return
@@ -115,6 +121,8 @@ class SloController:
             if self.train_share >= 1.0:
                 share_cap = float("inf")
             grant = Grant(max(0.0, min(slack, share_cap)), "decode_slack")
+        elif time.monotonic() - self._last_batch_end < IDLE_GRACE_S:
+            grant = Grant(0.0, "idle_grace")
         else:
             grant = Grant(IDLE_BUDGET_S, "idle")
         self.counters.grants[grant.reason] = self.counters.grants.get(grant.reason, 0) + 1
@@ -130,13 +138,23 @@ class SloController:
             observed = seconds / tokens
             self.seconds_per_token_layer = (1 - SMOOTHING) * self.seconds_per_token_layer + SMOOTHING * observed
 
-    def observe_grant_use(self, slices: int, deferred: bool) -> None:
+    def observe_grant_use(self, grant: Grant, slices: int, deferred: bool) -> None:
         if slices:
+            self.counters.slices_by_grant[grant.reason] = self.counters.slices_by_grant.get(grant.reason, 0) + slices
             self.counters.grants_used += 1
             self.counters.slices_per_used_grant_total += slices
             self.counters.max_slices_per_grant = max(self.counters.max_slices_per_grant, slices)
         if deferred:
             self.counters.slices_deferred += 1
+
+    def set_targets(self, tpot_slo_s: float | None = None, ttft_slo_s: float | None = None,
+                    train_share: float | None = None) -> None:
+        if tpot_slo_s is not None:
+            self.tpot_slo_s = tpot_slo_s
+        if ttft_slo_s is not None:
+            self.ttft_slo_s = ttft_slo_s
+        if train_share is not None:
+            self.train_share = train_share
 
     # --- status -------------------------------------------------------------------------------
 
@@ -163,4 +181,5 @@ class SloController:
             "mean_slices_per_grant": c.slices_per_used_grant_total / c.grants_used if c.grants_used else 0.0,
             "max_slices_per_grant": c.max_slices_per_grant,
             "grants": dict(c.grants),
+            "slices_by_grant": dict(c.slices_by_grant),
         }

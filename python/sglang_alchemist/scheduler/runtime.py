@@ -222,7 +222,7 @@ class AlchemistRuntime:
                 slices += 1
         except Exception:
             self._internal_error("running a training slice")
-        controller.observe_grant_use(slices, deferred)
+        controller.observe_grant_use(grant, slices, deferred)
 
     def housekeeping(self) -> None:
         now = time.monotonic()
@@ -255,7 +255,8 @@ class AlchemistRuntime:
                 "dtype": str(self.dtype).replace("torch.", ""),
                 "recorded_bytes_per_token_per_layer": bytes_per_token_per_layer(geometry, self.dtype),
             },
-            "recording": {"policy": self.config.record, **self.recorder.status()},
+            "recording": {"policy": self.recorder.policy.mode, "sample_rate": self.recorder.policy.sample_rate,
+                          **self.recorder.status()},
             "store": self.store.status(),
             "samples": self.samples.status(),
             "training": {**self.trainer.status(), **self.lane.status()},
@@ -309,6 +310,43 @@ class AlchemistRuntime:
     def op_resume(self, payload: dict[str, Any]) -> dict[str, Any]:
         self.lane.paused = False
         return {"paused": False}
+
+    def op_set_slo(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Change the serving targets at run time (``tpot_slo_ms``, ``ttft_slo_ms``, ``train_share``)."""
+        values = {}
+        for key in ("tpot_slo_ms", "ttft_slo_ms", "train_share"):
+            if key not in payload:
+                continue
+            value = payload[key]
+            valid = isinstance(value, int | float) and not isinstance(value, bool) and value > 0
+            if key == "train_share":
+                valid = valid and value <= 1
+            if not valid:
+                allowed = "a number in (0, 1]" if key == "train_share" else "a number > 0"
+                raise ControlError(400, f"'{key}': invalid value {value!r}; allowed: {allowed}")
+            values[key] = float(value)
+        unknown = set(payload) - {"tpot_slo_ms", "ttft_slo_ms", "train_share"}
+        if unknown:
+            raise ControlError(400, f"unknown field(s): {', '.join(sorted(unknown))}")
+        self.controller.set_targets(
+            tpot_slo_s=values["tpot_slo_ms"] / 1000 if "tpot_slo_ms" in values else None,
+            ttft_slo_s=values["ttft_slo_ms"] / 1000 if "ttft_slo_ms" in values else None,
+            train_share=values.get("train_share"),
+        )
+        return self.controller.status()
+
+    def op_set_recording(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """Change the recording policy at run time (``policy``, optional ``sample_rate``)."""
+        from sglang_alchemist.config import RECORD_POLICIES
+
+        policy = payload.get("policy")
+        if policy not in RECORD_POLICIES:
+            raise ControlError(400, f"'policy': invalid value {policy!r}; allowed: {', '.join(RECORD_POLICIES)}")
+        rate = payload.get("sample_rate", self.recorder.policy.sample_rate)
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 1:
+            raise ControlError(400, f"'sample_rate': invalid value {rate!r}; allowed: a number between 0 and 1")
+        self.recorder.policy = RecordingPolicy(policy, float(rate))
+        return {"policy": policy, "sample_rate": float(rate)}
 
     def op_debug_record(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Write a served sample's recorded tensors to a safetensors file (tests, investigations)."""

@@ -1,0 +1,131 @@
+"""The unified scheduler under load: training interleaves with decode batches within the TPOT target.
+
+A tiny-model server gets a backlog of feedback and a bounded loopback load of concurrent
+streaming chats. The SLO controller's own accounting must show >= 95% of decode steps within
+the target while training progresses between decode batches; with a target too tight for any
+training slice, training waits while the load lasts and resumes once the engine is idle. Every
+request completes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import openai
+import pytest
+import requests
+
+from helpers import status, tiny_server_args
+
+TPOT_TARGET_MS = 150
+
+
+@pytest.fixture(scope="module")
+def server(launch_server, tiny_model_dir, tmp_path_factory):
+    args = tiny_server_args(
+        tiny_model_dir, tmp_path_factory.mktemp("state"),
+        "--alchemist-tpot-slo-ms", str(TPOT_TARGET_MS), "--alchemist-batch-samples", "4",
+        "--alchemist-lr", "0.0005",
+    )
+    server = launch_server(args, name="slo")
+    yield server
+    server.stop()
+
+
+def submit_backlog(server, count: int) -> None:
+    """External exchanges with long completions: each is a sizeable training sample."""
+    for index in range(count):
+        body = {"messages": [{"role": "user", "content": f"Explain topic {index} in detail. " * 8}],
+                "completion": "Here is a detailed explanation of the topic, step by step. " * 25}
+        response = requests.post(server.url + "/v1/feedback", json=body, timeout=60)
+        assert response.status_code == 202, response.text
+
+
+def streaming_load(server, threads: int, requests_per_thread: int, max_tokens: int) -> list[dict]:
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=300)
+
+    def worker(thread: int) -> list[dict]:
+        results = []
+        for index in range(requests_per_thread):
+            stream = client.chat.completions.create(
+                model="default", stream=True, max_tokens=max_tokens, temperature=0,
+                messages=[{"role": "user", "content": f"Thread {thread}, request {index}: write a poem."}],
+                extra_body={"ignore_eos": True},
+            )
+            chunks, finish = 0, None
+            for chunk in stream:
+                if chunk.choices:
+                    chunks += 1
+                    finish = chunk.choices[0].finish_reason or finish
+            results.append({"chunks": chunks, "finish_reason": finish})
+        return results
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return [r for rs in pool.map(worker, range(threads)) for r in rs]
+
+
+def post_admin(server, path: str, body: dict | None = None) -> dict:
+    response = requests.post(server.url + path, json=body or {}, timeout=60)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_idle(server, timeout_s: float = 300) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        current = status(server)
+        training = current["schedulers"][0]["training"]
+        if training["queue_depth"] == 0 and not training["step_in_progress"]:
+            return current
+        time.sleep(0.5)
+    raise AssertionError(f"training did not finish: {current['schedulers'][0]['training']}")
+
+
+def test_training_progresses_under_load_with_decode_steps_within_the_target(server):
+    post_admin(server, "/v1/alchemist/pause")
+    submit_backlog(server, 40)
+    before = status(server)["schedulers"][0]
+    post_admin(server, "/v1/alchemist/resume")
+    results = streaming_load(server, threads=6, requests_per_thread=3, max_tokens=96)
+    after = status(server)["schedulers"][0]
+    assert all(r["finish_reason"] == "length" and r["chunks"] >= 90 for r in results), results
+    controller = after["scheduler"]
+    assert controller["decode_steps"] > 200
+    assert controller["slo_attainment"] >= 0.95, controller
+    slices_while_decoding = controller["slices_by_grant"].get("decode_slack", 0) - \
+        before["scheduler"]["slices_by_grant"].get("decode_slack", 0)
+    assert slices_while_decoding > 0, controller  # training ran between decode batches
+    assert after["training"]["optimizer_steps"] > before["training"]["optimizer_steps"]
+    assert after["internal_errors"] == 0
+    wait_idle(server)
+
+
+def test_training_waits_under_load_when_the_target_is_too_tight_and_resumes_when_idle(server):
+    wait_idle(server)
+    post_admin(server, "/v1/alchemist/pause")
+    submit_backlog(server, 12)
+    post_admin(server, "/v1/alchemist/slo", {"tpot_slo_ms": 0.01})  # below any decode step
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        load = pool.submit(streaming_load, server, 6, 2, 128)
+        time.sleep(2.0)  # the load is running
+        post_admin(server, "/v1/alchemist/resume")
+        during = status(server)["schedulers"][0]
+        results = load.result()
+    ended = status(server)["schedulers"][0]
+    assert all(r["finish_reason"] == "length" for r in results)
+    assert ended["training"]["optimizer_steps"] == during["training"]["optimizer_steps"]  # waited
+    assert ended["training"]["slices_run"] == during["training"]["slices_run"]  # not one slice
+    assert ended["scheduler"]["slices_by_grant"].get("decode_slack", 0) == \
+        during["scheduler"]["slices_by_grant"].get("decode_slack", 0)
+    finished = wait_idle(server)["schedulers"][0]  # idle now: training resumes and drains
+    assert finished["training"]["optimizer_steps"] >= ended["training"]["optimizer_steps"] + 3
+    assert finished["scheduler"]["slices_by_grant"]["idle"] > ended["scheduler"]["slices_by_grant"].get("idle", 0)
+    post_admin(server, "/v1/alchemist/slo", {"tpot_slo_ms": TPOT_TARGET_MS})
+
+
+def test_bad_slo_values_are_refused(server):
+    response = requests.post(server.url + "/v1/alchemist/slo", json={"train_share": 1.5}, timeout=60)
+    assert response.status_code == 400 and "train_share" in response.json()["error"]["message"]
+    response = requests.post(server.url + "/v1/alchemist/slo", json={"tpot_ms": 5}, timeout=60)
+    assert response.status_code == 400 and "unknown field" in response.json()["error"]["message"]
