@@ -63,6 +63,7 @@ CONTROLS = [
     Probe("What is the opposite of hot?", ("cold",)),
     Probe("Who wrote Romeo and Juliet?", ("Shakespeare",)),
 ]
+DEFAULT_ROUNDS = 4
 FACT_PROBES = [Probe(q, keys) for q, _, keys, _ in FACTS]
 PARAPHRASES = [Probe(p, keys) for _, _, keys, p in FACTS]
 
@@ -161,7 +162,7 @@ def print_table(result: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="an already running server (default: launch one)")
-    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
     parser.add_argument("--output", type=Path, default=Path("benchmark/results/quality.json"))
     parser.add_argument("server_args", nargs="*", help="extra launcher flags (after --)")
     args = parser.parse_args()

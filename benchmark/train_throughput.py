@@ -199,9 +199,9 @@ def plot(result: dict, path: Path) -> None:
     left.axhline(1.0, color="grey", linewidth=0.8)
     left.set_ylabel("training throughput, replay / recompute")
     left.set_title("Speed-up of replay")
-    for path, style in (("recompute", "o-"), ("replay", "s-")):
-        xs, ys = zip(*result["fit"]["points"][path], strict=True)
-        right.plot(xs, [y / 2**20 for y in ys], style, label=path)
+    for training_path, style in (("recompute", "o-"), ("replay", "s-")):
+        xs, ys = zip(*result["fit"]["points"][training_path], strict=True)
+        right.plot(xs, [y / 2**20 for y in ys], style, label=training_path)
     right.axhline(result["fit"]["budget_bytes"] / 2**20, color="grey", linestyle="--", label="budget")
     right.set_xlabel("prompt tokens (target 32)")
     right.set_ylabel("peak saved activations (MB)")

@@ -27,6 +27,8 @@ METRICS = [
     ("slo_attainment", "gauge", "Share of decode steps within the TPOT target", ("scheduler", "slo_attainment")),
     ("training_time_share", "gauge", "Training share of busy engine time", ("scheduler", "training_time_share")),
     ("slices_deferred", "counter", "Training slices deferred to a later gap", ("scheduler", "slices_deferred")),
+    ("micro_step_slices", "gauge", "Mean training slices run per used time grant", ("scheduler", "mean_slices_per_grant")),
+    ("training_slices", "counter", "Training slices run", ("scheduler", "slices_run")),
     ("journal_queued", "gauge", "Journal records waiting for training", ("journal", "queued")),
     ("journal_trained", "counter", "Journal records trained", ("journal", "trained")),
     ("journal_dropped", "counter", "Journal records dropped", ("journal", "dropped")),

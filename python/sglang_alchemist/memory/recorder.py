@@ -44,6 +44,7 @@ class RecorderCounters:
     requests_not_recorded: int = 0
     tokens_recorded: int = 0
     forwards_recorded: int = 0
+    incomplete_captures: int = 0  # a hook did not fire (e.g. a CUDA-graph replay): nothing stored
 
 
 class PrefillRecorder:
@@ -110,6 +111,11 @@ class PrefillRecorder:
         captured = self.capture.disarm()
         segments, self._segments = self._segments, []
         if captured is None or not segments:
+            return
+        if captured.final_residual is None or any(len(layer) != len(LAYER_TENSORS) for layer in captured.layers):
+            self.counters.incomplete_captures += 1
+            for segment in segments:
+                self.samples.stop_recording(segment.recording, "capture_incomplete")
             return
         self.counters.forwards_recorded += 1
         shared = len(segments) > 1  # rows of several requests share one tensor: copy each out

@@ -80,6 +80,7 @@ class RequestRecording:
     active: bool  # still recording (False: not chosen, or a gap made the record unusable)
     views: list[ChunkView] = field(default_factory=list)
     missing_reason: str | None = None  # why the record cannot be replayed
+    started_at: float = field(default_factory=time.monotonic)
 
     @property
     def recorded_until(self) -> int:
@@ -202,8 +203,14 @@ class SampleTable:
             self.release_sample(sample)
 
     def expire(self, now: float | None = None) -> int:
-        """Release samples that waited longer than the feedback TTL; returns how many."""
+        """Release samples that waited longer than the feedback TTL; returns how many.
+
+        Also forgets in-flight recordings older than twice the TTL: a request SGLang dropped
+        without our seeing it finish must not hold recorded chunks forever.
+        """
         now = time.monotonic() if now is None else now
+        for rid in [rid for rid, r in self.in_flight.items() if now - r.started_at > 2 * self.ttl_s]:
+            self.abort(rid)
         count = 0
         while self.served:
             rid, sample = next(iter(self.served.items()))

@@ -342,6 +342,9 @@ class AlchemistRuntime:
         policy = payload.get("policy")
         if policy not in RECORD_POLICIES:
             raise ControlError(400, f"'policy': invalid value {policy!r}; allowed: {', '.join(RECORD_POLICIES)}")
+        if policy != "none" and self.config.record == "none" and self.device.type == "cuda":
+            raise ControlError(409, "this server started with --alchemist-record none, so prefill runs in CUDA "
+                                    "graphs where capture hooks do not fire; restart it with recording enabled")
         rate = payload.get("sample_rate", self.recorder.policy.sample_rate)
         if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 1:
             raise ControlError(400, f"'sample_rate': invalid value {rate!r}; allowed: a number between 0 and 1")
