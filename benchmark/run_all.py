@@ -48,7 +48,7 @@ def summary() -> str:
     if training:
         mixes = {m["mix"]: m for m in training["mixes"]}
         best = max(training["mixes"], key=lambda m: m["throughput_ratio"])
-        share = mixes.get("sharegpt")
+        share = mixes.get("ShareGPT")
         lines.append(f"| training throughput | up to 1.72x | {best['throughput_ratio']:.2f}x ({best['mix']}); "
                      f"{share['throughput_ratio']:.2f}x (ShareGPT mix) | replay vs recompute, same samples, LoRA r8 "
                      f"all projections, forward+backward |")

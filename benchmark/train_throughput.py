@@ -231,9 +231,9 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     vocab = model.geometry.vocab_size
     mixes = [
-        ("sharegpt", sharegpt_samples(tokenizer, args.sharegpt_samples, max_target=512)),
-        ("prompt-heavy 1024:32", synthetic_samples(args.heavy_samples, 1024, 32, vocab, seed=1)),
-        ("prompt-heavy 512:64", synthetic_samples(args.heavy_samples, 512, 64, vocab, seed=2)),
+        ("ShareGPT", sharegpt_samples(tokenizer, args.sharegpt_samples, max_target=512)),
+        ("1024:32", synthetic_samples(args.heavy_samples, 1024, 32, vocab, seed=1)),
+        ("512:64", synthetic_samples(args.heavy_samples, 512, 64, vocab, seed=2)),
     ]
     result = {"command": command_line(), "machine": machine(), "device": str(device),
               "dtype": str(model.dtype), "model": args.model_path, "mixes": []}

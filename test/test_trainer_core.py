@@ -42,7 +42,7 @@ def setup(request, tmp_path_factory):
     peft = get_peft_model(copy.deepcopy(base), LoraConfig(r=SPEC.rank, lora_alpha=SPEC.alpha,
                                                           target_modules=list(SPEC.target_modules), lora_dropout=0.0))
     set_peft_model_state_dict(peft, adapter.peft_state_dict())
-    return request.param, model, adapter, peft
+    return request.param, model, adapter, peft, directory
 
 
 def reference_gradients(peft, examples: list[tuple[list[int], list[int]]], objective: str = "sft"):
@@ -85,21 +85,21 @@ TARGET = [300, 301, 7, 99, 512, 13]
 
 @pytest.mark.parametrize("replay", [True, False], ids=["replay", "recompute"])
 def test_gradients_equal_peft_for_every_supported_architecture(setup, replay):
-    _, model, adapter, peft = setup
+    _, model, adapter, peft, _ = setup
     ours, results = our_gradients(model, adapter, [(PROMPT, TARGET)], replay)
     assert results[0].path == ("replay" if replay else "recompute")
     assert_close_per_tensor(ours, reference_gradients(peft, [(PROMPT, TARGET)]))
 
 
 def test_batch_of_different_lengths_one_token_target_and_one_token_prompt(setup):
-    _, model, adapter, peft = setup
+    _, model, adapter, peft, _ = setup
     examples = [(PROMPT, TARGET), ([5], [6, 7, 8]), (PROMPT[:9], [400])]
     ours, _ = our_gradients(model, adapter, examples, replay=True)
     assert_close_per_tensor(ours, reference_gradients(peft, examples))
 
 
 def test_unlikelihood_objective_gradients_equal_reference(setup):
-    _, model, adapter, peft = setup
+    _, model, adapter, peft, _ = setup
     ours, _ = our_gradients(model, adapter, [(PROMPT, TARGET)], replay=True, objective="unlikelihood")
     assert_close_per_tensor(ours, reference_gradients(peft, [(PROMPT, TARGET)], objective="unlikelihood"))
 
@@ -114,7 +114,7 @@ class _Always:
 
 @pytest.mark.parametrize("recompute", [True, False], ids=["recompute-host-layer", "reload-host-layer"])
 def test_layers_in_the_host_tier_are_recomputed_or_reloaded_exactly(setup, recompute):
-    _, model, adapter, peft = setup
+    _, model, adapter, peft, _ = setup
     ours, results = our_gradients(model, adapter, [(PROMPT, TARGET)], replay=True, host_layers=[0],
                                   hedge=_Always(recompute))
     assert (results[0].layers_recomputed, results[0].layers_reloaded) == ((1, 0) if recompute else (0, 1))
@@ -122,7 +122,7 @@ def test_layers_in_the_host_tier_are_recomputed_or_reloaded_exactly(setup, recom
 
 
 def test_peft_checkpoint_round_trip(setup, tmp_path):
-    _, model, adapter, peft = setup
+    _, model, adapter, peft, _ = setup
     directory = adapter.save_peft(tmp_path / "v1")
     config = json.loads((directory / "adapter_config.json").read_text())
     assert config["r"] == SPEC.rank and config["lora_alpha"] == SPEC.alpha
@@ -138,3 +138,22 @@ def test_unsupported_architecture_is_refused_with_a_clear_message():
 
     with pytest.raises(UnsupportedModelError, match="GemmaForCausalLM"):
         ModelGeometry.from_hf_config(Config())
+
+
+@pytest.mark.parametrize("targets", [("gate_proj", "up_proj", "down_proj"), ("q_proj", "v_proj"), ("o_proj",)])
+def test_gradients_equal_peft_with_a_subset_of_target_modules(setup, targets):
+    name, model, _, _, directory = setup
+    if name != "llama":
+        pytest.skip("one architecture is enough for target subsets")
+    spec = LoraSpec(rank=4, alpha=8.0, target_modules=targets)
+    adapter = LoraAdapter(spec, model.geometry, seed=3)
+    with torch.no_grad():
+        for param in adapter.parameters():
+            param.normal_(0.0, 0.05)
+    base = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager")
+    peft = get_peft_model(base, LoraConfig(r=4, lora_alpha=8.0, target_modules=list(targets), lora_dropout=0.0))
+    set_peft_model_state_dict(peft, adapter.peft_state_dict())
+    reference = reference_gradients(peft, [(PROMPT, TARGET)])
+    for replay in (True, False):
+        ours, _ = our_gradients(model, adapter, [(PROMPT, TARGET)], replay)
+        assert_close_per_tensor(ours, reference)

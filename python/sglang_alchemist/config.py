@@ -147,12 +147,17 @@ class AlchemistConfig:
     grad_clip: float = _flag(
         1.0, "Global gradient-norm clip per optimizer step (0 disables clipping).", check=_non_negative
     )
-    batch_samples: int = _flag(4, "Feedback samples per optimizer step.", check=_positive_int)
+    batch_samples: int = _flag(
+        1,
+        "Feedback samples per optimizer step (1: every feedback is its own update, which is what lets a "
+        "few corrections teach a fact; larger batches average more feedback per step).",
+        check=_positive_int,
+    )
     publish_every: int = _flag(
         1, "Optimizer steps between published adapter versions.", check=_positive_int
     )
     max_staleness: int = _flag(
-        2,
+        8,
         "Recorded activations older than this many adapter versions are not replayed; the sample "
         "is trained by recomputation instead.",
         check=_non_negative_int,

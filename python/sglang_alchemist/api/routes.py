@@ -135,8 +135,12 @@ class AlchemistApi:
 
         api = self
 
-        async def scheduler_op(request: Request, op: str, with_body: bool = False, payload: dict | None = None):
-            """An admin operation: key check first, then the JSON body (if any), then the scheduler."""
+        async def scheduler_op(request: Request, op: str, with_body: bool = False, payload: dict | None = None,
+                               all_replies: bool = False):
+            """An admin operation: key check first, then the JSON body (if any), then the scheduler(s).
+
+            Returns the first scheduler's reply (all of them with ``all_replies``) or an error response.
+            """
             denied = api.admin_denied(request)
             if denied is not None:
                 return denied
@@ -145,7 +149,7 @@ class AlchemistApi:
                 if isinstance(payload, ORJSONResponse):
                     return payload
             replies = await call_schedulers(op, payload)
-            return replies if isinstance(replies, ORJSONResponse) else replies[0]
+            return replies if isinstance(replies, ORJSONResponse) or all_replies else replies[0]
 
         @app.post("/v1/feedback")
         async def alchemist_feedback(request: Request):
@@ -153,10 +157,7 @@ class AlchemistApi:
 
         @app.get("/v1/alchemist/status")
         async def alchemist_status(request: Request):
-            denied = api.admin_denied(request)
-            if denied is not None:
-                return denied
-            schedulers = await call_schedulers("status")
+            schedulers = await scheduler_op(request, "status", all_replies=True)
             if isinstance(schedulers, ORJSONResponse):
                 return schedulers
             return {
@@ -221,10 +222,7 @@ class AlchemistApi:
 
         @app.get("/v1/alchemist/metrics")
         async def alchemist_metrics(request: Request):
-            denied = api.admin_denied(request)
-            if denied is not None:
-                return denied
-            schedulers = await call_schedulers("status")
+            schedulers = await scheduler_op(request, "status", all_replies=True)
             if isinstance(schedulers, ORJSONResponse):
                 return schedulers
             return PlainTextResponse(prometheus_text(schedulers, api.router.status()),

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from sglang_alchemist.memory.records import LayerTensors
 from sglang_alchemist.training.model_spec import LayerWeights, ModelGeometry
 
 LoraPair = tuple[torch.Tensor, torch.Tensor]  # (A [rank, in], B [out, rank])
@@ -75,24 +76,11 @@ def attention(
 
 
 @dataclass
-class LayerIntermediates:
-    """What serving records for one layer (see ``memory/records.py`` for the definitions)."""
-
-    x: torch.Tensor
-    q: torch.Tensor
-    k: torch.Tensor
-    v: torch.Tensor
-    attn_out: torch.Tensor
-    h: torch.Tensor
-    gate_up: torch.Tensor
-
-
-@dataclass
 class LayerOutput:
     out: torch.Tensor  # residual stream after the layer
     k_rot: torch.Tensor  # [T, G, D] keys after (norm and) RoPE: what later tokens attend to
     v: torch.Tensor  # [T, G, D]
-    intermediates: LayerIntermediates | None = None
+    intermediates: LayerTensors | None = None  # what serving records for this layer
 
 
 def project_qkv(
@@ -146,7 +134,7 @@ def decoder_layer(
     out = h + linear(F.silu(gate) * up, weights.down, None, lora.get("down_proj"), scale)
     intermediates = None
     if keep_intermediates:
-        intermediates = LayerIntermediates(
+        intermediates = LayerTensors(
             x=x, q=q, k=k, v=v, attn_out=attn_out, h=h, gate_up=torch.cat([gate, up], dim=-1)
         )
     return LayerOutput(out=out, k_rot=k_rot, v=v_heads, intermediates=intermediates)

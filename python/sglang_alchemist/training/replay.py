@@ -206,12 +206,20 @@ def replay_layer_backward(
         down = _plus_lora(down, gated, lora.get("down_proj"), scale)
         out = _ReplayedSum.apply(h, down, _placeholder(tokens, geometry.hidden_size, x))
 
-        roots, grads = [out], [grad_out]
-        if grad_k_rot is not None:
-            roots += [k_rot, v_heads]
-            grads += [grad_k_rot, grad_v]
-        torch.autograd.backward(roots, grads)
+        pairs = [(out, grad_out), (k_rot, grad_k_rot), (v_heads, grad_v)]
+        backward_from(pairs)
     return x.grad if need_input_grad else None
+
+
+def backward_from(pairs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    """One backward from the roots that carry a gradient and depend on something trainable.
+
+    A root may not: with LoRA only on some projections, the first layer's keys depend on no
+    trainable tensor at all.
+    """
+    live = [(root, grad) for root, grad in pairs if grad is not None and root.requires_grad]
+    if live:
+        torch.autograd.backward([root for root, _ in live], [grad for _, grad in live])
 
 
 def recompute_layer_record(
@@ -225,7 +233,5 @@ def recompute_layer_record(
 ) -> LayerTensors:
     """A layer's record recomputed from its input alone (hedging: cheaper than a reload)."""
     with torch.no_grad():
-        output = decoder_layer(x, weights, geometry, lora, scale, cos, sin, keep_intermediates=True)
-    i = output.intermediates
-    return LayerTensors(x=x, q=i.q, k=i.k, v=i.v, attn_out=i.attn_out, h=i.h, gate_up=i.gate_up)
+        return decoder_layer(x, weights, geometry, lora, scale, cos, sin, keep_intermediates=True).intermediates
 

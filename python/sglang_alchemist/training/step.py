@@ -35,6 +35,7 @@ from sglang_alchemist.training.lora import LoraAdapter
 from sglang_alchemist.training.model_spec import FrozenModel
 from sglang_alchemist.training.objectives import objective_loss
 from sglang_alchemist.training.replay import (
+    backward_from,
     prompt_keys_values,
     recompute_layer_record,
     replay_layer_backward,
@@ -180,7 +181,7 @@ def sample_step(
             entry = target_graph[layer]
             if entry is not None:
                 stream_in, stream_out, prefix_k, prefix_v = entry
-                torch.autograd.backward(stream_out, grad_stream)
+                backward_from([(stream_out, grad_stream)])
                 grad_stream = stream_in.grad
                 grad_k, grad_v = prefix_k.grad, prefix_v.grad
                 target_graph[layer] = None  # free this layer's graph
@@ -191,11 +192,7 @@ def sample_step(
                 )
             else:
                 prompt_in, prompt_out, prompt_k, prompt_v = prompt_graph.pop()
-                roots, grads = [prompt_out], [grad_prompt]
-                if grad_k is not None:
-                    roots += [prompt_k, prompt_v]
-                    grads += [grad_k, grad_v]
-                torch.autograd.backward(roots, grads)
+                backward_from([(prompt_out, grad_prompt), (prompt_k, grad_k), (prompt_v, grad_v)])
                 grad_prompt = prompt_in.grad
             info = SliceInfo("backward", layer, stream_len + num_prompt)
             result.slices.append(info)
