@@ -63,7 +63,7 @@ CONTROLS = [
     Probe("What is the opposite of hot?", ("cold",)),
     Probe("Who wrote Romeo and Juliet?", ("Shakespeare",)),
 ]
-DEFAULT_ROUNDS = 4
+DEFAULT_ROUNDS = 6
 FACT_PROBES = [Probe(q, keys) for q, _, keys, _ in FACTS]
 PARAPHRASES = [Probe(p, keys) for _, _, keys, p in FACTS]
 

@@ -142,7 +142,7 @@ class AlchemistConfig:
         parse=_parse_target_modules,
         metavar="MODULES",
     )
-    lr: float = _flag(5e-4, "AdamW learning rate of the LoRA adapter.", check=_positive)
+    lr: float = _flag(3e-4, "AdamW learning rate of the LoRA adapter.", check=_positive)
     weight_decay: float = _flag(0.0, "AdamW weight decay of the LoRA adapter.", check=_non_negative)
     grad_clip: float = _flag(
         1.0, "Global gradient-norm clip per optimizer step (0 disables clipping).", check=_non_negative
