@@ -157,3 +157,18 @@ def test_gradients_equal_peft_with_a_subset_of_target_modules(setup, targets):
     for replay in (True, False):
         ours, _ = our_gradients(model, adapter, [(PROMPT, TARGET)], replay)
         assert_close_per_tensor(ours, reference)
+
+
+def test_slices_leave_the_callers_grad_mode_alone_between_yields(setup):
+    _, model, adapter, peft, _ = setup
+    activations = record_prompt(model, adapter, PROMPT)
+    generator = sample_step(model, adapter, Example(PROMPT, TARGET, activations=activations), 1.0 / len(TARGET))
+    adapter.zero_grad()
+    slices = 0
+    with torch.no_grad():  # SGLang's scheduler loop runs under no_grad
+        for _ in generator:
+            slices += 1
+            assert not torch.is_grad_enabled()  # serving between two slices sees its own mode
+    assert slices == 2 * model.geometry.num_layers + 1
+    ours = adapter.peft_grad_dict()
+    assert_close_per_tensor(ours, reference_gradients(peft, [(PROMPT, TARGET)]))

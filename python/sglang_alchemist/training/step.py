@@ -18,7 +18,8 @@ Read top to bottom, this is a LoRA forward and backward over ``prompt + target``
 
 The function is a generator: it yields after every layer of the forward and of the backward,
 so the scheduler can interleave serving batches between slices without losing any work (the
-graph lives in the generator's frame). LoRA gradients accumulate in the adapter's ``.grad``.
+graph lives in the sample's state between slices). LoRA gradients accumulate in the adapter's
+``.grad``. Autograd is enabled only inside a slice, never across a yield.
 """
 
 from __future__ import annotations
@@ -112,92 +113,122 @@ def sample_step(
     loss_scale: float,
     hedge: HedgePolicy | None = None,
 ) -> Generator[SliceInfo, None, SampleResult]:
-    geometry = model.geometry
-    device = model.device
-    scale = adapter.spec.scale
-    prompt = torch.tensor(example.prompt_ids, device=device)
-    targets = torch.tensor(example.target_ids, device=device)
-    num_prompt, num_target = len(example.prompt_ids), len(example.target_ids)
-    stream_len = num_target - 1  # the last target token is only a label
-    cos, sin = model.rotary_cos_sin(torch.arange(num_prompt + stream_len))
-    prompt_cos, prompt_sin = cos[:num_prompt], sin[:num_prompt]
-    stream_cos, stream_sin = cos[num_prompt:], sin[num_prompt:]
-    activations = example.activations
-    replay = activations is not None
-    result = SampleResult(loss=0.0, target_tokens=num_target, path="replay" if replay else "recompute")
+    """Forward and backward of one sample, yielding after each layer (see the module doc).
+
+    Each slice enables autograd only while it computes: the generator is suspended between
+    slices while SGLang serves (under ``no_grad``), so no grad mode may leak across a yield.
+    """
+    state = _SampleState(model, adapter, example, loss_scale, hedge)
+    for layer in range(model.geometry.num_layers):
+        with torch.enable_grad():
+            state.forward_layer(layer)
+        yield state.note(SliceInfo("forward", layer, state.forward_tokens))
+    with torch.enable_grad():
+        state.head()
+    yield state.note(SliceInfo("head", model.geometry.num_layers, state.num_target))
+    for layer in reversed(range(model.geometry.num_layers)):
+        with torch.enable_grad():
+            state.backward_layer(layer)
+        yield state.note(SliceInfo("backward", layer, state.stream_len + state.num_prompt))
+    return state.result
+
+
+class _SampleState:
+    """The graph and gradients of one sample between its slices."""
+
+    def __init__(self, model: FrozenModel, adapter: LoraAdapter, example: Example, loss_scale: float,
+                 hedge: HedgePolicy | None) -> None:
+        self.model, self.adapter, self.example = model, adapter, example
+        self.loss_scale, self.hedge = loss_scale, hedge
+        device = model.device
+        self.prompt = torch.tensor(example.prompt_ids, device=device)
+        self.targets = torch.tensor(example.target_ids, device=device)
+        self.num_prompt, self.num_target = len(example.prompt_ids), len(example.target_ids)
+        self.stream_len = self.num_target - 1  # the last target token is only a label
+        cos, sin = model.rotary_cos_sin(torch.arange(self.num_prompt + self.stream_len))
+        self.prompt_cos, self.prompt_sin = cos[: self.num_prompt], sin[: self.num_prompt]
+        self.stream_cos, self.stream_sin = cos[self.num_prompt :], sin[self.num_prompt :]
+        self.activations = example.activations
+        self.replay = self.activations is not None
+        self.forward_tokens = self.stream_len + (0 if self.replay else self.num_prompt)
+        self.result = SampleResult(loss=0.0, target_tokens=self.num_target,
+                                   path="replay" if self.replay else "recompute")
+        self.stream = model.embed[self.targets[: self.stream_len]]
+        self.prompt_hidden = None if self.replay else model.embed[self.prompt]
+        # per layer: (stream input, stream output, prompt keys, prompt values) as leaves/roots
+        self.target_graph: list[tuple[torch.Tensor, ...] | None] = []
+        # recompute path, per layer: (prompt input, prompt output, prompt keys, prompt values)
+        self.prompt_graph: list[tuple[torch.Tensor, ...]] = []
+        self.grad_stream: torch.Tensor | None = None
+        self.grad_prompt: torch.Tensor | None = None
+
+    def note(self, info: SliceInfo) -> SliceInfo:
+        self.result.slices.append(info)
+        return info
 
     # ---- 1. forward ------------------------------------------------------------------------
-    stream = model.embed[targets[:stream_len]]
-    prompt_hidden = None if replay else model.embed[prompt]
-    target_graph: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None] = []
-    prompt_graph: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    with torch.enable_grad():
-        for layer, weights in enumerate(model.layers):
-            lora = adapter.layer(layer)
-            if replay:
-                recorded = activations.load(layer, ("k", "v"))
-                prompt_k, prompt_v = prompt_keys_values(
-                    recorded["k"], recorded["v"], weights, geometry, prompt_cos, prompt_sin
-                )
-            else:
-                prompt_in = prompt_hidden.detach().requires_grad_(layer > 0)
-                output = decoder_layer(prompt_in, weights, geometry, lora, scale, prompt_cos, prompt_sin)
-                prompt_graph.append((prompt_in, output.out, output.k_rot, output.v))
-                prompt_k, prompt_v, prompt_hidden = output.k_rot, output.v, output.out
-            if stream_len > 0:
-                prefix_k = prompt_k.detach().requires_grad_()
-                prefix_v = prompt_v.detach().requires_grad_()
-                stream_in = stream.detach().requires_grad_(layer > 0)
-                output = decoder_layer(
-                    stream_in, weights, geometry, lora, scale, stream_cos, stream_sin, prefix_k, prefix_v
-                )
-                target_graph.append((stream_in, output.out, prefix_k, prefix_v))
-                stream = output.out
-            else:
-                target_graph.append(None)
-            info = SliceInfo("forward", layer, stream_len + (0 if replay else num_prompt))
-            result.slices.append(info)
-            yield info
 
-        # ---- 2. head -----------------------------------------------------------------------
-        last_prompt = (activations.final_hidden() if replay else prompt_hidden[-1:]).detach().requires_grad_()
-        stream_final = stream.detach().requires_grad_()
-        hidden = torch.cat([last_prompt, stream_final]) if stream_len > 0 else last_prompt
+    def forward_layer(self, layer: int) -> None:
+        model, geometry = self.model, self.model.geometry
+        weights, lora, scale = model.layers[layer], self.adapter.layer(layer), self.adapter.spec.scale
+        if self.replay:
+            recorded = self.activations.load(layer, ("k", "v"))
+            prompt_k, prompt_v = prompt_keys_values(
+                recorded["k"], recorded["v"], weights, geometry, self.prompt_cos, self.prompt_sin
+            )
+        else:
+            prompt_in = self.prompt_hidden.detach().requires_grad_(layer > 0)
+            output = decoder_layer(prompt_in, weights, geometry, lora, scale, self.prompt_cos, self.prompt_sin)
+            self.prompt_graph.append((prompt_in, output.out, output.k_rot, output.v))
+            prompt_k, prompt_v, self.prompt_hidden = output.k_rot, output.v, output.out
+        if self.stream_len == 0:
+            self.target_graph.append(None)
+            return
+        prefix_k = prompt_k.detach().requires_grad_()
+        prefix_v = prompt_v.detach().requires_grad_()
+        stream_in = self.stream.detach().requires_grad_(layer > 0)
+        output = decoder_layer(
+            stream_in, weights, geometry, lora, scale, self.stream_cos, self.stream_sin, prefix_k, prefix_v
+        )
+        self.target_graph.append((stream_in, output.out, prefix_k, prefix_v))
+        self.stream = output.out
+
+    # ---- 2. head -----------------------------------------------------------------------------
+
+    def head(self) -> None:
+        model, geometry = self.model, self.model.geometry
+        last = self.activations.final_hidden() if self.replay else self.prompt_hidden[-1:]
+        last_prompt = last.detach().requires_grad_()
+        stream_final = self.stream.detach().requires_grad_()
+        hidden = torch.cat([last_prompt, stream_final]) if self.stream_len > 0 else last_prompt
         logits = rms_norm(hidden, model.final_norm, geometry.rms_norm_eps) @ model.lm_head.t()
-        loss = objective_loss(example.objective, logits, targets) * example.weight
-        (loss * loss_scale).backward()
-        result.loss = float(loss.detach())
-        grad_stream = stream_final.grad if stream_len > 0 else None
-        grad_prompt = torch.zeros(num_prompt, geometry.hidden_size, dtype=model.dtype, device=device)
-        grad_prompt[-1:] = last_prompt.grad
-        del logits, hidden, loss
-        info = SliceInfo("head", geometry.num_layers, num_target)
-        result.slices.append(info)
-        yield info
+        loss = objective_loss(self.example.objective, logits, self.targets) * self.example.weight
+        (loss * self.loss_scale).backward()
+        self.result.loss = float(loss.detach())
+        self.grad_stream = stream_final.grad if self.stream_len > 0 else None
+        self.grad_prompt = torch.zeros(self.num_prompt, geometry.hidden_size, dtype=model.dtype, device=model.device)
+        self.grad_prompt[-1:] = last_prompt.grad
 
-        # ---- 3. backward -------------------------------------------------------------------
-        for layer in reversed(range(geometry.num_layers)):
-            grad_k = grad_v = None
-            entry = target_graph[layer]
-            if entry is not None:
-                stream_in, stream_out, prefix_k, prefix_v = entry
-                backward_from([(stream_out, grad_stream)])
-                grad_stream = stream_in.grad
-                grad_k, grad_v = prefix_k.grad, prefix_v.grad
-                target_graph[layer] = None  # free this layer's graph
-            if replay:
-                grad_prompt = _replay_prompt_layer(
-                    model, adapter, activations, layer, hedge, prompt_cos, prompt_sin,
-                    grad_prompt, grad_k, grad_v, result,
-                )
-            else:
-                prompt_in, prompt_out, prompt_k, prompt_v = prompt_graph.pop()
-                backward_from([(prompt_out, grad_prompt), (prompt_k, grad_k), (prompt_v, grad_v)])
-                grad_prompt = prompt_in.grad
-            info = SliceInfo("backward", layer, stream_len + num_prompt)
-            result.slices.append(info)
-            yield info
-    return result
+    # ---- 3. backward -----------------------------------------------------------------------
+
+    def backward_layer(self, layer: int) -> None:
+        grad_k = grad_v = None
+        entry = self.target_graph[layer]
+        if entry is not None:
+            stream_in, stream_out, prefix_k, prefix_v = entry
+            backward_from([(stream_out, self.grad_stream)])
+            self.grad_stream = stream_in.grad
+            grad_k, grad_v = prefix_k.grad, prefix_v.grad
+            self.target_graph[layer] = None  # free this layer's graph
+        if self.replay:
+            self.grad_prompt = _replay_prompt_layer(
+                self.model, self.adapter, self.activations, layer, self.hedge, self.prompt_cos, self.prompt_sin,
+                self.grad_prompt, grad_k, grad_v, self.result,
+            )
+        else:
+            prompt_in, prompt_out, prompt_k, prompt_v = self.prompt_graph.pop()
+            backward_from([(prompt_out, self.grad_prompt), (prompt_k, grad_k), (prompt_v, grad_v)])
+            self.grad_prompt = prompt_in.grad
 
 
 def _replay_prompt_layer(
