@@ -180,6 +180,11 @@ def test_loop_versions_rollback_and_peft_checkpoints_reproduce_server_outputs(se
     assert response["metadata"]["alchemist_adapter_version"] == 0
     assert_openai_error(requests.post(server.url + "/v1/alchemist/rollback", json={"version": 999},
                                       headers=ADMIN, timeout=60), 404, "unknown adapter version")
+    # a version without a checkpoint (never published, or pruned) is refused with the reason
+    missing = requests.post(server.url + "/v1/chat/completions", headers=USER, timeout=60, json={
+        "model": "default:alchemist-v999", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    assert missing.status_code == 400, missing.text
+    assert "adapter version 999 (alchemist-v999) is not available" in missing.json()["message"]
 
 
 def test_pause_stops_training_and_resume_restarts_it(server):

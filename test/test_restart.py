@@ -35,7 +35,8 @@ def wait_all_trained(server, expected_records: int, timeout_s: float = 180) -> d
 
 def test_kill_during_training_then_restart_loses_nothing(launch_server, tiny_model_dir, tmp_path):
     state_dir = tmp_path / "state"
-    args = tiny_server_args(tiny_model_dir, state_dir, "--alchemist-lr", "0.02", "--alchemist-batch-samples", "1")
+    args = tiny_server_args(tiny_model_dir, state_dir, "--alchemist-lr", "0.02", "--alchemist-batch-samples", "1",
+                            "--alchemist-keep-checkpoints", "100")  # the pinned version stays loadable
 
     first = launch_server(args, name="before-crash")
     served = chat(first, "Which planet is the largest?")

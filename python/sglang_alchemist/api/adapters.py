@@ -103,11 +103,27 @@ class AdapterRouter:
     async def ensure_loaded(self, tokenizer_manager: Any, obj: Any) -> None:
         """Load checkpointed versions a request names explicitly (e.g. after a restart)."""
         paths = obj.lora_path if isinstance(obj.lora_path, list) else [obj.lora_path]
-        for version in {version_of_adapter(p) for p in paths if p}:
-            if version and version not in self.loaded and self.checkpoints_dir is not None:
-                directory = self.checkpoints_dir / f"v{version}"
-                if (directory / "adapter_model.safetensors").exists():
-                    await self._load(tokenizer_manager, version, str(directory))
+        for version in sorted({version_of_adapter(p) for p in paths if p} - {None, 0}):
+            if version in self.loaded or self.checkpoints_dir is None:
+                continue
+            directory = self.checkpoints_dir / f"v{version}"
+            if not (directory / "adapter_model.safetensors").exists():
+                # SGLang's own message ("never been loaded") would not say why: the version was
+                # never published, or its checkpoint was pruned by --alchemist-keep-checkpoints.
+                raise ValueError(
+                    f"adapter version {version} ({adapter_name(version)}) is not available: no "
+                    f"checkpoint is kept for it (--alchemist-keep-checkpoints keeps the newest ones); "
+                    f"kept versions: {self.kept_versions()}"
+                )
+            await self._load(tokenizer_manager, version, str(directory))
+
+    def kept_versions(self) -> list[int]:
+        """Versions with a checkpoint on disk, i.e. loadable by name."""
+        if self.checkpoints_dir is None or not self.checkpoints_dir.is_dir():
+            return []
+        return sorted(int(entry.name[1:]) for entry in self.checkpoints_dir.iterdir()
+                      if entry.name[:1] == "v" and entry.name[1:].isdigit()
+                      and (entry / "adapter_model.safetensors").exists())
 
     async def _load(self, tokenizer_manager: Any, version: int, path: str) -> None:
         from sglang.srt.managers.io_struct import LoadLoRAAdapterReqInput

@@ -13,8 +13,11 @@ Policy, in order:
 3. **Decoding requests** -> budget = ``tpot_target - predicted decode step - margin``: a running
    request's next token comes one decode step after this gap, so the gap plus the step must
    stay under ``--alchemist-tpot-slo-ms``. It is also capped by the training share
-   (``--alchemist-train-share``): training may take at most ``share / (1 - share)`` times the
-   serving time of the batch that just ran.
+   (``--alchemist-train-share``): every serving batch earns training a credit of
+   ``share / (1 - share)`` times its duration, and slices run while serving spend it. The credit
+   accumulates across batches (up to one TPOT target), because a slice cannot be split: a
+   per-gap cap would starve a slice longer than one decode step forever, while the credit lets
+   it run after a few steps and still bounds training's long-run share of serving time.
 4. **Idle engine** -> a larger budget (``IDLE_BUDGET_S`` per pass; the loop comes back after
    each pass to look for new requests, so an arriving request waits at most one slice). The
    engine counts as idle only after ``IDLE_GRACE_S`` without a batch: the short gaps between
@@ -74,7 +77,7 @@ class SloController:
         self.counters = ControllerCounters()
         self._last_decode_end: float | None = None
         self._prefill_since_decode = 0.0
-        self._last_batch_s = 0.0
+        self._share_credit_s = 0.0
         self._last_batch_end = float("-inf")
         self._started = time.monotonic()
 
@@ -82,7 +85,9 @@ class SloController:
 
     def on_batch(self, is_decode: bool, started: float, seconds: float) -> None:
         self.counters.serving_seconds += seconds
-        self._last_batch_s = seconds
+        if self.train_share < 1.0:
+            earned = self.train_share / max(1e-6, 1 - self.train_share) * seconds
+            self._share_credit_s = min(self._share_credit_s + earned, self.tpot_slo_s)
         end = started + seconds
         self._last_batch_end = end
         if not is_decode:
@@ -117,9 +122,7 @@ class SloController:
         elif running > 0:
             decode = self.decode_step_s if self.decode_step_s is not None else self.tpot_slo_s
             slack = self.tpot_slo_s * (1 - SAFETY_MARGIN) - decode
-            share_cap = self.train_share / max(1e-6, 1 - self.train_share) * max(self._last_batch_s, decode)
-            if self.train_share >= 1.0:
-                share_cap = float("inf")
+            share_cap = float("inf") if self.train_share >= 1.0 else self._share_credit_s
             grant = Grant(max(0.0, min(slack, share_cap)), "decode_slack")
         elif time.monotonic() - self._last_batch_end < IDLE_GRACE_S:
             grant = Grant(0.0, "idle_grace")
@@ -131,7 +134,10 @@ class SloController:
     def predicted_slice_s(self, tokens: int) -> float:
         return self.seconds_per_token_layer * max(tokens, 1)
 
-    def observe_slice(self, tokens: int, seconds: float) -> None:
+    def observe_slice(self, tokens: int, seconds: float, while_serving: bool = True) -> None:
+        """Learn the slice cost; a slice run while requests are served spends share credit."""
+        if while_serving:
+            self._share_credit_s -= seconds
         self.counters.slices_run += 1
         self.counters.training_seconds += seconds
         if tokens > 0 and seconds > 0:
@@ -176,6 +182,7 @@ class SloController:
             "serving_seconds": c.serving_seconds,
             "training_time_share": c.training_seconds / busy if busy else 0.0,
             "training_wall_share": c.training_seconds / wall,
+            "share_credit_ms": self._share_credit_s * 1000,
             "slices_run": c.slices_run,
             "slices_deferred": c.slices_deferred,
             "mean_slices_per_grant": c.slices_per_used_grant_total / c.grants_used if c.grants_used else 0.0,

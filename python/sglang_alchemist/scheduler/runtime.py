@@ -217,7 +217,7 @@ class AlchemistRuntime:
                 if info is None:
                     break
                 elapsed = time.perf_counter() - started
-                controller.observe_slice(info.tokens, elapsed)
+                controller.observe_slice(info.tokens, elapsed, while_serving=not idle)
                 remaining -= elapsed
                 slices += 1
         except Exception:
