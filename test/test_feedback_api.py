@@ -224,7 +224,8 @@ def test_metrics_are_exported_in_prometheus_format(server):
     text = response.text
     for name in ["sglang_alchemist_optimizer_steps_total", "sglang_alchemist_tokens_trained_total",
                  "sglang_alchemist_recent_loss", "sglang_alchemist_queue_depth", "sglang_alchemist_reuse_ratio",
-                 "sglang_alchemist_served_adapter_version", "sglang_alchemist_slo_attainment"]:
+                 "sglang_alchemist_served_adapter_version", "sglang_alchemist_slo_attainment",
+                 "sglang_alchemist_ttft_attainment"]:
         assert name in text, name
     steps = next(line for line in text.splitlines() if line.startswith("sglang_alchemist_optimizer_steps_total{"))
     assert float(steps.split()[-1]) >= 5

@@ -97,6 +97,9 @@ def test_training_progresses_under_load_with_decode_steps_within_the_target(serv
     controller = after["scheduler"]
     assert controller["decode_steps"] > 200
     assert controller["slo_attainment"] >= 0.95, controller
+    # every streamed request's time to first token was counted, training delay included
+    assert controller["first_tokens"] - before["scheduler"]["first_tokens"] == len(results)
+    assert controller["ttft_attainment"] >= 0.95 and controller["worst_ttft_ms"] > 0, controller
     slices_while_decoding = controller["slices_by_grant"].get("decode_slack", 0) - \
         before["scheduler"]["slices_by_grant"].get("decode_slack", 0)
     assert slices_while_decoding > 0, json.dumps(after)  # training ran between decode batches
@@ -153,3 +156,16 @@ def test_share_credit_lets_a_slice_longer_than_a_decode_step_run_and_bounds_the_
     assert training > 0
     assert training <= share / (1 - share) * serving + 0.150  # the share, plus at most one target of credit
     assert training >= share / (1 - share) * serving - 0.150 - slice_s  # and the credit is used
+
+
+def test_an_idle_training_pass_is_bounded_by_half_the_ttft_target():
+    controller = SloController(tpot_slo_s=0.150, ttft_slo_s=0.2, train_share=0.5, seconds_per_token_layer=1e-4)
+    controller._last_batch_end = float("-inf")  # long idle
+    grant = controller.grant(has_work=True, paused=False, running=0, waiting=0)
+    assert grant.reason == "idle" and grant.budget_s == pytest.approx(0.1)
+    controller.set_targets(ttft_slo_s=5.0)
+    assert controller.grant(has_work=True, paused=False, running=0, waiting=0).budget_s == pytest.approx(0.25)
+    assert controller.grant(has_work=True, paused=False, running=0, waiting=2).reason == "waiting_prefill"
+    controller.on_first_token(0.1)
+    controller.on_first_token(6.0)
+    assert controller.status()["ttft_attainment"] == 0.5 and controller.status()["worst_ttft_ms"] == 6000

@@ -114,7 +114,10 @@ class AlchemistConfig:
         200.0, "Time-per-output-token target (ms) for decode steps while training runs.", check=_positive
     )
     ttft_slo_ms: float = _flag(
-        2000.0, "Time-to-first-token target (ms) for waiting requests while training runs.", check=_positive
+        2000.0,
+        "Time-to-first-token target (ms): an idle training pass lasts at most half of it; "
+        "TTFT attainment is reported against it.",
+        check=_positive,
     )
     train_share: float = _flag(
         0.5, "Largest share of engine time that training may take while requests are being served.",

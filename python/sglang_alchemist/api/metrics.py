@@ -25,6 +25,8 @@ METRICS = [
     ("store_host_bytes", "gauge", "Recorded activation bytes in the host tier", ("store", "host_bytes")),
     ("store_chunks_dropped", "counter", "Recorded chunks dropped for room", ("store", "chunks_dropped")),
     ("slo_attainment", "gauge", "Share of decode steps within the TPOT target", ("scheduler", "slo_attainment")),
+    ("ttft_attainment", "gauge", "Share of requests whose first token came within the TTFT target",
+     ("scheduler", "ttft_attainment")),
     ("training_time_share", "gauge", "Training share of busy engine time", ("scheduler", "training_time_share")),
     ("slices_deferred", "counter", "Training slices deferred to a later gap", ("scheduler", "slices_deferred")),
     ("micro_step_slices", "gauge", "Mean training slices run per used time grant", ("scheduler", "mean_slices_per_grant")),

@@ -77,7 +77,7 @@ def convert(output_dir: Path | None = None, dtype: str = "bfloat16") -> Path:
     config = quantized.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    config.torch_dtype = dtype
+    config.dtype = dtype
     model = LlamaForCausalLM(config)
     missing, unexpected = model.load_state_dict(quantized.state_dict(), strict=False)
     # Tied embeddings: lm_head.weight is the embedding table and may be absent from the GGUF.

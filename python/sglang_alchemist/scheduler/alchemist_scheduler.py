@@ -6,6 +6,8 @@ overrides, so an SGLang upgrade has one class to check:
 
 - ``__init__``: builds the :class:`AlchemistRuntime` once SGLang's model and pools exist.
 - ``init_request_dispatcher``: routes :class:`AlchemistControlReq` to named operations.
+- ``ingest_requests``: notes, per new request, the training that ran since the loop last looked
+  for requests (it may have delayed that request: counted in its time to first token).
 - ``run_batch``: arms the capture hooks around a prefill forward that records.
 - ``process_batch_result``: hands finished requests to the sample table (feedback waits there),
   then runs training slices within the SLO controller's grant.
@@ -21,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from sglang.srt.managers.io_struct import BatchTokenizedGenerateReqInput, TokenizedGenerateReqInput
 from sglang.srt.managers.scheduler import Scheduler
 from sglang.utils import TypeBasedDispatcher
 
@@ -70,6 +73,18 @@ class AlchemistScheduler(Scheduler):
         self._request_dispatcher += TypeBasedDispatcher(
             [(AlchemistControlReq, self.handle_alchemist_control)]
         )
+
+    def ingest_requests(self, *args, **kwargs):
+        if self.alchemist is None:
+            return super().ingest_requests(*args, **kwargs)
+        training_before = self.alchemist.take_training_since_ingest()
+        received = super().ingest_requests(*args, **kwargs)
+        rids = [item.rid for request in received or ()
+                for item in (request.batch if isinstance(request, BatchTokenizedGenerateReqInput) else [request])
+                if isinstance(item, TokenizedGenerateReqInput)]
+        if rids:
+            self.alchemist.on_requests_received(rids, training_before)
+        return received
 
     def run_batch(self, batch, *args, **kwargs):
         if self.alchemist is None:

@@ -18,10 +18,13 @@ Policy, in order:
    accumulates across batches (up to one TPOT target), because a slice cannot be split: a
    per-gap cap would starve a slice longer than one decode step forever, while the credit lets
    it run after a few steps and still bounds training's long-run share of serving time.
-4. **Idle engine** -> a larger budget (``IDLE_BUDGET_S`` per pass; the loop comes back after
-   each pass to look for new requests, so an arriving request waits at most one slice). The
-   engine counts as idle only after ``IDLE_GRACE_S`` without a batch: the short gaps between
-   the requests of a continuous load are not idle time.
+4. **Idle engine** -> a larger budget: ``IDLE_BUDGET_S`` per pass, at most
+   ``TTFT_TRAINING_FRACTION`` of ``--alchemist-ttft-slo-ms``. The loop looks for new requests
+   only between passes, so a request arriving during a pass waits for the rest of it: half the
+   TTFT target is left for its queueing and prefill. Slices must fit the pass like any other,
+   except the first one of a pass (an idle engine always makes progress, even on a slice larger
+   than the budget). The engine counts as idle only after ``IDLE_GRACE_S`` without a batch: the
+   short gaps between the requests of a continuous load are not idle time.
 
 Costs are learned online: the decode step time is an exponential moving average of measured
 decode batches, and a slice's cost is ``seconds per (token x layer)`` times its tokens,
@@ -30,7 +33,12 @@ averaged over measured slices (seeded from a matmul benchmark at start-up).
 Accounting (``status()``): for every decode step, the time per output token it delivered is
 the step's own duration plus the training time and scheduler overhead since the previous
 decode step (serving's own prefill batches in between are not charged to training). SLO
-attainment is the share of decode steps whose TPOT was within the target.
+attainment is the share of decode steps whose TPOT was within the target. For every request,
+time to first token is counted in the scheduler from its entry into the waiting queue to the end
+of the prefill batch that produced its first token, plus all the training that ran since the
+scheduler last looked for requests before receiving it (an upper bound on the training delay it
+suffered; the HTTP and tokenizer time before is not seen here). TTFT attainment is the share of
+requests within ``--alchemist-ttft-slo-ms``.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from dataclasses import dataclass, field
 
 IDLE_BUDGET_S = 0.25
 IDLE_GRACE_S = 0.1
+TTFT_TRAINING_FRACTION = 0.5  # of the TTFT target: the longest idle training pass
 SAFETY_MARGIN = 0.1  # of the TPOT target, kept free for scheduler overhead and noise
 SMOOTHING = 0.2
 
@@ -64,6 +73,9 @@ class ControllerCounters:
     slices_per_used_grant_total: int = 0
     max_slices_per_grant: int = 0
     worst_tpot_s: float = 0.0
+    first_tokens: int = 0
+    first_tokens_within_slo: int = 0
+    worst_ttft_s: float = 0.0
 
 
 class SloController:
@@ -105,6 +117,11 @@ class SloController:
         self._last_decode_end = end
         self._prefill_since_decode = 0.0
 
+    def on_first_token(self, ttft_s: float) -> None:
+        self.counters.first_tokens += 1
+        self.counters.first_tokens_within_slo += int(ttft_s <= self.ttft_slo_s)
+        self.counters.worst_ttft_s = max(self.counters.worst_ttft_s, ttft_s)
+
     def on_idle(self) -> None:
         """No request is running: the next decode step starts a new TPOT series."""
         self._last_decode_end = None
@@ -127,7 +144,7 @@ class SloController:
         elif time.monotonic() - self._last_batch_end < IDLE_GRACE_S:
             grant = Grant(0.0, "idle_grace")
         else:
-            grant = Grant(IDLE_BUDGET_S, "idle")
+            grant = Grant(min(IDLE_BUDGET_S, TTFT_TRAINING_FRACTION * self.ttft_slo_s), "idle")
         self.counters.grants[grant.reason] = self.counters.grants.get(grant.reason, 0) + 1
         return grant
 
@@ -176,6 +193,10 @@ class SloController:
             "decode_steps_within_slo": c.decode_steps_within_slo,
             "slo_attainment": c.decode_steps_within_slo / c.decode_steps if c.decode_steps else None,
             "worst_tpot_ms": c.worst_tpot_s * 1000,
+            "first_tokens": c.first_tokens,
+            "first_tokens_within_slo": c.first_tokens_within_slo,
+            "ttft_attainment": c.first_tokens_within_slo / c.first_tokens if c.first_tokens else None,
+            "worst_ttft_ms": c.worst_ttft_s * 1000,
             "predicted_decode_step_ms": None if self.decode_step_s is None else self.decode_step_s * 1000,
             "seconds_per_token_layer": self.seconds_per_token_layer,
             "training_seconds": c.training_seconds,

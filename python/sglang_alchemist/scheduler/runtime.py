@@ -40,6 +40,7 @@ from sglang_alchemist.training.versions import ADAPTER_NAME_PREFIX, VersionHisto
 logger = logging.getLogger(__name__)
 
 MIB = 1024 * 1024
+MAX_PENDING_ARRIVALS = 100_000
 HOUSEKEEPING_INTERVAL_S = 1.0
 
 
@@ -121,6 +122,8 @@ class AlchemistRuntime:
         self._last_housekeeping = time.monotonic()
         self._armed = False
         self._batch_started = 0.0
+        self._training_since_ingest = 0.0  # slice seconds since the scheduler last looked for requests
+        self._arrival_training_s: dict[str, float] = {}  # rid -> training that may have delayed it
         logger.info(
             "sglang_alchemist: serving adapter version %d; %d queued feedback item(s) restored from the journal",
             self.history.current, restored,
@@ -183,9 +186,23 @@ class AlchemistRuntime:
         except Exception:
             self._internal_error("storing recorded activations")
 
+    def on_requests_received(self, rids: list[str], training_before_s: float) -> None:
+        """Remember, per new request, the training that ran while it may have been waiting."""
+        for rid in rids:
+            self._arrival_training_s[rid] = training_before_s
+        if len(self._arrival_training_s) > MAX_PENDING_ARRIVALS:  # aborted before their prefill
+            for rid in list(self._arrival_training_s)[: len(self._arrival_training_s) // 2]:
+                del self._arrival_training_s[rid]
+
+    def take_training_since_ingest(self) -> float:
+        seconds, self._training_since_ingest = self._training_since_ingest, 0.0
+        return seconds
+
     def after_batch_result(self, batch, running: int, waiting: int) -> None:
         self.controller.on_batch(batch.forward_mode.is_decode(), self._batch_started,
                                  time.monotonic() - self._batch_started)
+        if batch.forward_mode.is_extend():
+            self._count_first_tokens(batch)
         try:
             for req in batch.reqs:
                 if req.finished() and self.samples.get(req.rid) is None:
@@ -194,6 +211,16 @@ class AlchemistRuntime:
             self._internal_error("registering finished requests")
         self.train(running=running, waiting=waiting)
         self.housekeeping()
+
+    def _count_first_tokens(self, batch) -> None:
+        now = time.perf_counter()  # SGLang's request timestamps are perf_counter values
+        for req in batch.reqs:
+            if len(req.output_ids) != 1:  # a chunk before the last, or a retracted request's re-prefill
+                continue
+            training = self._arrival_training_s.pop(req.rid, None)
+            queued_at = getattr(getattr(req, "time_stats", None), "wait_queue_entry_time", 0.0)
+            if training is not None and queued_at > 0.0:
+                self.controller.on_first_token(now - queued_at + training)
 
     def on_idle(self, running: int, waiting: int) -> None:
         if running == 0:
@@ -209,7 +236,7 @@ class AlchemistRuntime:
         try:
             while remaining > 0:
                 tokens = lane.next_slice_tokens()
-                if not idle and controller.predicted_slice_s(tokens) > remaining:
+                if controller.predicted_slice_s(tokens) > remaining and not (idle and slices == 0):
                     deferred = True
                     break
                 started = time.perf_counter()
@@ -220,6 +247,7 @@ class AlchemistRuntime:
                 controller.observe_slice(info.tokens, elapsed, while_serving=not idle)
                 remaining -= elapsed
                 slices += 1
+                self._training_since_ingest += elapsed
         except Exception:
             self._internal_error("running a training slice")
         controller.observe_grant_use(grant, slices, deferred)
