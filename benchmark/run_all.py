@@ -55,7 +55,7 @@ def summary() -> str:
         memory = 1 - best["peak_saved_bytes_replay"] / best["peak_saved_bytes_recompute"]
         lines.append(f"| training memory | 47% less | {memory:.0%} less saved activations ({best['mix']}: "
                      f"{best['peak_saved_bytes_recompute'] / 2**20:.0f} -> {best['peak_saved_bytes_replay'] / 2**20:.0f} MB)"
-                     " | peak bytes autograd keeps; records live in the store's tiers |")
+                     " | peak activation bytes autograd keeps (weights excluded); records live in the store's tiers |")
         fit = training["fit"]
         lines.append(f"| trainable tokens at a fixed memory budget | 2x | {fit['trainable_tokens_ratio']:.2f}x "
                      f"({fit['max_prompt_tokens_recompute']:.0f} -> {fit['max_prompt_tokens_replay']:.0f} prompt tokens) "

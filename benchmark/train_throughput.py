@@ -9,7 +9,8 @@ is excluded.
 
 Reported per mix (ShareGPT length mix; prompt-heavy mixes 1024:32 and 512:64):
 - tokens/s (prompt + target tokens per second) and samples/s, replay / recompute ratio;
-- peak bytes autograd keeps for backward (``SavedTensorMeter``), recompute -> replay;
+- peak bytes of activations autograd keeps for backward (``SavedTensorMeter``; the frozen
+  weights and the adapter, which autograd also references, are excluded), recompute -> replay;
 - recorded bytes per sample (they live in the activation store's tiers, not in training);
 - the largest prompt (target 32 tokens) whose training fits a fixed budget of saved bytes.
 
@@ -31,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sglang_alchemist.training.lora import LORA_MODULES, LoraAdapter, LoraSpec  # noqa: E402
-from sglang_alchemist.training.memory_meter import SavedTensorMeter  # noqa: E402
+from sglang_alchemist.training.memory_meter import SavedTensorMeter, storages_of  # noqa: E402
 from sglang_alchemist.training.model_spec import frozen_model_from_transformers  # noqa: E402
 from sglang_alchemist.training.reference import record_prompt  # noqa: E402
 from sglang_alchemist.training.step import Example, run_to_completion, sample_step  # noqa: E402
@@ -89,7 +90,7 @@ def timed_step(model, adapter, prompt, target, activations) -> tuple[float, int,
         baseline = torch.cuda.memory_allocated(device)
     sync(device)
     started = time.perf_counter()
-    with SavedTensorMeter() as meter:
+    with SavedTensorMeter(exclude=storages_of(model, adapter)) as meter:  # activations only, not weights
         run_to_completion(sample_step(model, adapter, Example(prompt, target, activations=activations),
                                       1.0 / len(target)))
     sync(device)
@@ -222,7 +223,7 @@ def main() -> None:
     parser.add_argument("--heavy-samples", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget-mb", type=float, default=BUDGET_MB)
-    parser.add_argument("--fit-lengths", default="128,256,512,1024")
+    parser.add_argument("--fit-lengths", default="128,256,512,1024,2048")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "train_throughput.json")
     args = parser.parse_args()
 

@@ -169,3 +169,17 @@ def test_an_idle_training_pass_is_bounded_by_half_the_ttft_target():
     controller.on_first_token(0.1)
     controller.on_first_token(6.0)
     assert controller.status()["ttft_attainment"] == 0.5 and controller.status()["worst_ttft_ms"] == 6000
+
+
+def test_interleaved_prefill_that_fills_the_tpot_target_leaves_training_nothing():
+    controller = SloController(tpot_slo_s=0.150, ttft_slo_s=2.0, train_share=1.0, seconds_per_token_layer=1e-4)
+    clock = 0.0
+    for _ in range(30):  # a loaded engine: a 100 ms prefill between every two 40 ms decode steps
+        controller.on_batch(is_decode=False, started=clock, seconds=0.100)
+        controller.on_batch(is_decode=True, started=clock + 0.100, seconds=0.040)
+        clock += 0.140
+    assert controller.grant(has_work=True, paused=False, running=4, waiting=0).budget_s == 0.0
+    for _ in range(30):  # the arrivals stop: decode steps alone leave slack again
+        controller.on_batch(is_decode=True, started=clock, seconds=0.040)
+        clock += 0.040
+    assert controller.grant(has_work=True, paused=False, running=4, waiting=0).budget_s > 0.08

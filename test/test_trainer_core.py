@@ -172,3 +172,17 @@ def test_slices_leave_the_callers_grad_mode_alone_between_yields(setup):
     assert slices == 2 * model.geometry.num_layers + 1
     ours = adapter.peft_grad_dict()
     assert_close_per_tensor(ours, reference_gradients(peft, [(PROMPT, TARGET)]))
+
+
+def test_saved_tensor_meter_counts_activations_and_not_the_weights_autograd_references():
+    from sglang_alchemist.training.memory_meter import SavedTensorMeter, storages_of
+
+    weight = torch.randn(64, 32)  # frozen: autograd saves it for the input gradient
+    lora_a = torch.randn(4, 32, requires_grad=True)  # trainable: its gradient saves the input
+    x = torch.randn(10, 32, requires_grad=True)
+    with SavedTensorMeter() as everything:
+        (x @ weight.T).sum().backward()
+    assert everything.peak_bytes == weight.numel() * 4
+    with SavedTensorMeter(exclude=storages_of([weight], {"a": lora_a})) as activations:
+        ((x @ weight.T).sum() + (x @ lora_a.T).sum()).backward()
+    assert activations.peak_bytes == x.numel() * 4  # x, saved once for lora_a's gradient

@@ -10,9 +10,11 @@ Policy, in order:
 2. **Waiting requests** (prefill not yet admitted) -> training yields: no budget. A waiting
    request's time to first token only grows while we train, and SGLang schedules prefill
    first whenever it can.
-3. **Decoding requests** -> budget = ``tpot_target - predicted decode step - margin``: a running
-   request's next token comes one decode step after this gap, so the gap plus the step must
-   stay under ``--alchemist-tpot-slo-ms``. It is also capped by the training share
+3. **Decoding requests** -> budget = ``tpot_target - predicted decode step - predicted prefill
+   per gap - margin``: a running request's next token comes one decode step after this gap, and
+   the prefill batches SGLang interleaves for arriving requests delay it too, so the gap plus
+   those must stay under ``--alchemist-tpot-slo-ms``. When serving alone already fills the
+   target (a loaded engine), training gets nothing and waits for idle time. It is also capped by the training share
    (``--alchemist-train-share``): every serving batch earns training a credit of
    ``share / (1 - share)`` times its duration, and slices run while serving spend it. The credit
    accumulates across batches (up to one TPOT target), because a slice cannot be split: a
@@ -86,6 +88,7 @@ class SloController:
         self.train_share = train_share
         self.seconds_per_token_layer = seconds_per_token_layer
         self.decode_step_s: float | None = None
+        self.prefill_per_gap_s = 0.0  # serving's own prefill time between two decode steps (average)
         self.counters = ControllerCounters()
         self._last_decode_end: float | None = None
         self._prefill_since_decode = 0.0
@@ -109,6 +112,7 @@ class SloController:
             (1 - SMOOTHING) * self.decode_step_s + SMOOTHING * seconds
         )
         if self._last_decode_end is not None:
+            self.prefill_per_gap_s = (1 - SMOOTHING) * self.prefill_per_gap_s + SMOOTHING * self._prefill_since_decode
             gap = max(0.0, started - self._last_decode_end - self._prefill_since_decode)
             tpot = gap + seconds
             self.counters.decode_steps += 1
@@ -138,7 +142,7 @@ class SloController:
             grant = Grant(0.0, "waiting_prefill")
         elif running > 0:
             decode = self.decode_step_s if self.decode_step_s is not None else self.tpot_slo_s
-            slack = self.tpot_slo_s * (1 - SAFETY_MARGIN) - decode
+            slack = self.tpot_slo_s * (1 - SAFETY_MARGIN) - decode - self.prefill_per_gap_s
             share_cap = float("inf") if self.train_share >= 1.0 else self._share_credit_s
             grant = Grant(max(0.0, min(slack, share_cap)), "decode_slack")
         elif time.monotonic() - self._last_batch_end < IDLE_GRACE_S:
@@ -198,6 +202,7 @@ class SloController:
             "ttft_attainment": c.first_tokens_within_slo / c.first_tokens if c.first_tokens else None,
             "worst_ttft_ms": c.worst_ttft_s * 1000,
             "predicted_decode_step_ms": None if self.decode_step_s is None else self.decode_step_s * 1000,
+            "predicted_prefill_per_gap_ms": self.prefill_per_gap_s * 1000,
             "seconds_per_token_layer": self.seconds_per_token_layer,
             "training_seconds": c.training_seconds,
             "serving_seconds": c.serving_seconds,
