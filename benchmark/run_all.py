@@ -62,10 +62,12 @@ def summary() -> str:
                      f"| {fit['budget_bytes'] / 2**20:.0f} MB of saved activations, target {fit['target_tokens']} tokens |")
     if impact:
         worst = max(row["on"]["p99_tpot_ms"] / row["off"]["p99_tpot_ms"] for row in impact["rows"])
+        worst_ttft = max(row["on"]["p99_ttft_ms"] / row["off"]["p99_ttft_ms"] for row in impact["rows"])
         attainment = min((row["on"]["slo_attainment"] for row in impact["rows"]
                           if row["on"]["slo_attainment"] is not None), default=None)
         att = "-" if attainment is None else f"{attainment:.1%}"
-        lines.append(f"| serving latency impact | negligible | TPOT p99 x{worst:.2f} at worst; SLO attainment >= {att} "
+        lines.append(f"| serving latency impact | negligible | TPOT p99 x{worst:.2f}, TTFT p99 x{worst_ttft:.1f} at worst; "
+                     f"SLO attainment >= {att} "
                      f"| {len(impact['rows'])} request rates, TPOT target {impact['config']['tpot_slo_ms']:.0f} ms |")
     if recording:
         lines.append(f"| recording overhead (ours only) | - | prefill throughput x"
