@@ -142,8 +142,12 @@ def _plus_lora(replayed: torch.Tensor, x: torch.Tensor, pair: LoraPair | None, s
     return replayed if delta is None else replayed + (delta - delta.detach())
 
 
-def _placeholder(rows: int, width: int, like: torch.Tensor) -> torch.Tensor:
-    """A value nobody reads (its consumer replays a recorded value); expanded, so no memory."""
+def _unread_output(rows: int, width: int, like: torch.Tensor) -> torch.Tensor:
+    """The forward value of a replayed op whose recorded output is used instead.
+
+    ``_ReplayedLinear``/``_ReplayedSum`` return the recorded tensor and only need the shape of
+    what they stand for; an expanded zero costs no memory.
+    """
     return like.new_zeros(1, 1).expand(rows, width)
 
 
@@ -192,7 +196,7 @@ def replay_layer_backward(
         q_rot, k_rot = rotate_qk(q, k, weights, geometry, cos, sin)
         v_heads = v.view(tokens, geometry.num_kv_heads, geometry.head_dim)
         attn_out = _ReplayedAttention.apply(q_rot, k_rot, v_heads, record.attn_out)
-        attn_proj = _ReplayedLinear.apply(attn_out, weights.o, _placeholder(tokens, geometry.hidden_size, x))
+        attn_proj = _ReplayedLinear.apply(attn_out, weights.o, _unread_output(tokens, geometry.hidden_size, x))
         attn_proj = _plus_lora(attn_proj, attn_out, lora.get("o_proj"), scale)
         h = _ReplayedSum.apply(x, attn_proj, record.h)
         hn = rms_norm(h, weights.post_norm, eps)
@@ -202,9 +206,9 @@ def replay_layer_backward(
         gate = _plus_lora(gate, hn, lora.get("gate_proj"), scale)
         up = _plus_lora(up, hn, lora.get("up_proj"), scale)
         gated = F.silu(gate) * up
-        down = _ReplayedLinear.apply(gated, weights.down, _placeholder(tokens, geometry.hidden_size, x))
+        down = _ReplayedLinear.apply(gated, weights.down, _unread_output(tokens, geometry.hidden_size, x))
         down = _plus_lora(down, gated, lora.get("down_proj"), scale)
-        out = _ReplayedSum.apply(h, down, _placeholder(tokens, geometry.hidden_size, x))
+        out = _ReplayedSum.apply(h, down, _unread_output(tokens, geometry.hidden_size, x))
 
         pairs = [(out, grad_out), (k_rot, grad_k_rot), (v_heads, grad_v)]
         backward_from(pairs)
