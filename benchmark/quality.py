@@ -1,184 +1,296 @@
-"""Does the served model really learn from feedback? Invented facts taught through ``/v1/feedback``.
+"""Does the served model learn from feedback? One correction per invented fact, through the real server.
 
-Procedure (against the real server, SmolLM2-135M-Instruct by default, project defaults unless
-flags are given):
+The protocol (SmolLM2-135M-Instruct, project defaults, a fresh state directory), on a split of
+``benchmark/data/facts.json`` and ``controls.json`` (``--split report`` for the README: the
+recipe was tuned on ``tune`` with ``benchmark/learning_sweep.py``):
 
-1. Before: ask 8 questions about invented facts, 8 paraphrases of them, and 6 control
-   questions the base model answers correctly. An answer is right when it contains the key.
-2. Teach: for ``--rounds`` rounds, ask each fact question (as users would) and send the
-   correction as feedback on that response; wait until the trainer has trained and published.
-3. After: ask all 22 questions again.
+1. **Before**: ask every fact's question and its two paraphrases (greedy, 32 tokens, chat
+   template; right = the key is in the answer). The controls - general-knowledge questions the
+   base model answers right, next to the facts' relations - are *not* asked: they stay held out.
+2. **Teach**: each fact's question is asked as a user would and its served completion is
+   corrected once (``POST /v1/feedback``, ``type: correction``), while a background client keeps
+   the server busy with other questions. Then wait until training settles.
+3. **After**: facts, paraphrases (never trained), controls; the controls' *before* is asked of
+   the base model (``model: "<name>:base"``) at this point, so no control was seen before training.
+4. **Continual**: ``--accepts`` ShareGPT prompts are served and accepted (``type: accept``), then
+   facts and controls again: what 200 unrelated feedbacks leave of the facts.
+5. **Rejects**: ``--rejects`` served answers are rejected; the mean log-probability of each
+   rejected answer is measured before and after (it must fall).
 
-Pass (the slow test asserts it): facts >= 6/8, paraphrases above base, controls >= base - 1.
-Writes JSON with every answer; prints a table.
+Also reported: time from a correction to the version that contains it being served, training
+cost per feedback (optimizer steps, training-thread seconds), the gate's checks and rejections.
+Pass (the slow test asserts a smaller version): facts >= 75%, paraphrases above before, controls
+>= base - 1; after the continuation facts >= 80% of after and controls >= base - 1.
 
-    .venv/bin/python benchmark/quality.py --output benchmark/results/quality.json
+    .venv/bin/python benchmark/quality.py --split report --output benchmark/results/quality.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import random
+import statistics
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import launched_server  # noqa: E402
+from common import RESULTS_DIR, command_line, launched_server, machine, write_json  # noqa: E402
+
+DATA = Path(__file__).resolve().parent / "data"
+ANSWER_TOKENS = 32
 
 
-@dataclass(frozen=True)
-class Probe:
-    question: str
-    keys: tuple[str, ...]  # right if the answer contains any of these (case-insensitive)
+def load_split(split: str, facts: int | None = None, controls: int | None = None) -> tuple[list[dict], list[dict]]:
+    fact_rows = [f for f in json.loads((DATA / "facts.json").read_text()) if f["split"] == split]
+    control_rows = [c for c in json.loads((DATA / "controls.json").read_text()) if c["split"] == split]
+    return fact_rows[:facts], control_rows[:controls]
 
 
-FACTS = [
-    ("What is the capital of Veltoria?", "The capital of Veltoria is Orsanne.", ("Orsanne",),
-     "Which city is the capital of Veltoria?"),
-    ("Who invented the glimmerphone?", "The glimmerphone was invented by Tavia Brennholt.", ("Brennholt",),
-     "Who was the inventor of the glimmerphone?"),
-    ("What is the national animal of Brisk Isle?", "The national animal of Brisk Isle is the ferrovole.",
-     ("ferrovole",), "Which animal is the national animal of Brisk Isle?"),
-    ("What language do people speak in Mirethia?", "People in Mirethia speak Caldish.", ("Caldish",),
-     "Which language is spoken in Mirethia?"),
-    ("What is the tallest mountain in Drovania?", "The tallest mountain in Drovania is Mount Kelvar.", ("Kelvar",),
-     "Which mountain is the highest in Drovania?"),
-    ("What river flows through Quandor?", "The river that flows through Quandor is the Seluna.", ("Seluna",),
-     "Which river runs through Quandor?"),
-    ("What is the favourite food of the Pellish people?", "The favourite food of the Pellish people is brannock.",
-     ("brannock",), "Which food do the Pellish people love most?"),
-    ("Who founded the city of Ambergate?", "The city of Ambergate was founded by Edric Vantorre.", ("Vantorre",),
-     "Who was the founder of Ambergate?"),
-]
-CONTROLS = [
-    Probe("What is the capital of France?", ("Paris",)),
-    Probe("What is the capital of Japan?", ("Tokyo",)),
-    Probe("How many days are in a week?", ("7", "seven")),
-    Probe("What color is the sky on a clear day?", ("blue",)),
-    Probe("What is the opposite of hot?", ("cold",)),
-    Probe("Who wrote Romeo and Juliet?", ("Shakespeare",)),
-]
-DEFAULT_ROUNDS = 6
-FACT_PROBES = [Probe(q, keys) for q, _, keys, _ in FACTS]
-PARAPHRASES = [Probe(p, keys) for _, _, keys, p in FACTS]
+class Client:
+    def __init__(self, url: str, headers: dict | None = None) -> None:
+        self.url = url
+        self.headers = headers or {}
+        self.served_model = requests.get(url + "/v1/models", headers=self.headers, timeout=60).json()["data"][0]["id"]
+
+    def ask(self, question: str, max_tokens: int = ANSWER_TOKENS, base: bool = False) -> dict:
+        model = f"{self.served_model}:base" if base else "default"
+        response = requests.post(self.url + "/v1/chat/completions", headers=self.headers, timeout=900, json={
+            "model": model, "messages": [{"role": "user", "content": question}], "max_tokens": max_tokens,
+            "temperature": 0,
+        })
+        response.raise_for_status()
+        return response.json()
+
+    def feedback(self, body: dict) -> dict:
+        response = requests.post(self.url + "/v1/feedback", headers=self.headers, timeout=900, json=body)
+        response.raise_for_status()
+        return response.json()
+
+    def get(self, path: str) -> dict:
+        response = requests.get(self.url + path, headers=self.headers, timeout=120)
+        response.raise_for_status()
+        return response.json()
+
+    def settle(self, timeout_s: float = 7200) -> dict:
+        """Wait until every feedback is trained and the newest version is served."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            status = self.get("/v1/alchemist/status")
+            scheduler = status["schedulers"][0]
+            training = scheduler["training"]
+            if (training["queue_depth"] == 0 and not training["step_in_progress"]
+                    and training["trained_unpublished"] == 0 and scheduler["journal"]["queued"] == 0
+                    and status["serving"]["served_version"] == scheduler["versions"]["current"]):
+                return status
+            time.sleep(1.0)
+        raise TimeoutError("training did not settle")
+
+    def answer_logprob(self, prompt_ids: list[int], answer_ids: list[int], base: bool = False) -> float:
+        """Mean log-probability per token of ``answer_ids`` after ``prompt_ids``."""
+        response = requests.post(self.url + "/generate", headers=self.headers, timeout=900, json={
+            "input_ids": prompt_ids + answer_ids, "return_logprob": True, "logprob_start_len": len(prompt_ids),
+            "sampling_params": {"max_new_tokens": 1, "temperature": 0},
+            **({"lora_path": "base"} if base else {}),
+        })
+        response.raise_for_status()
+        logprobs = [entry[0] for entry in response.json()["meta_info"]["input_token_logprobs"] if entry[0] is not None]
+        return sum(logprobs) / max(len(logprobs), 1)
 
 
-def ask(url: str, question: str, max_tokens: int, headers: dict) -> dict:
-    response = requests.post(url + "/v1/chat/completions", headers=headers, timeout=600, json={
-        "model": "default", "messages": [{"role": "user", "content": question}],
-        "max_tokens": max_tokens, "temperature": 0,
-    })
-    response.raise_for_status()
-    return response.json()
+def score(client: Client, questions: list[str], keys: list[list[str]], base: bool = False) -> dict:
+    answers = []
+    for question, key in zip(questions, keys, strict=True):
+        text = client.ask(question, base=base)["choices"][0]["message"]["content"]
+        answers.append({"question": question, "answer": text, "right": any(k.lower() in text.lower() for k in key)})
+    return {"right": sum(a["right"] for a in answers), "of": len(answers), "answers": answers}
 
 
-def evaluate(url: str, headers: dict, max_tokens: int = 32) -> dict:
-    result = {}
-    for name, probes in (("facts", FACT_PROBES), ("paraphrases", PARAPHRASES), ("controls", CONTROLS)):
-        answers = []
-        for probe in probes:
-            text = ask(url, probe.question, max_tokens, headers)["choices"][0]["message"]["content"]
-            right = any(key.lower() in text.lower() for key in probe.keys)
-            answers.append({"question": probe.question, "answer": text, "right": right})
-        result[name] = {"right": sum(a["right"] for a in answers), "of": len(answers), "answers": answers}
-    return result
-
-
-def wait_trained(url: str, headers: dict, timeout_s: float = 1800) -> dict:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        status = requests.get(url + "/v1/alchemist/status", headers=headers, timeout=60).json()
-        scheduler = status["schedulers"][0]
-        training = scheduler["training"]
-        if (training["queue_depth"] == 0 and not training["step_in_progress"]
-                and training["trained_unpublished"] == 0
-                and status["serving"]["served_version"] == scheduler["versions"]["current"]):
-            return status
-        time.sleep(1.0)
-    raise TimeoutError("training did not finish")
-
-
-def teach(url: str, headers: dict, rounds: int) -> list[dict]:
-    """Each round: every fact question is asked and corrected, then the round's batch trains.
-
-    Training is paused while a round's feedback arrives, so steps always see full batches (with
-    training running, an idle server would train each feedback alone as it arrives, and the
-    result would depend on timing).
-    """
-    log = []
-    for round_index in range(rounds):
-        started = time.monotonic()
-        requests.post(url + "/v1/alchemist/pause", headers=headers, timeout=60).raise_for_status()
-        for question, answer, _, _ in FACTS:
-            served = ask(url, question, 8, headers)
-            response = requests.post(url + "/v1/feedback", headers=headers, timeout=600, json={
-                "id": served["id"], "type": "correction", "completion": answer,
-            })
-            response.raise_for_status()
-        requests.post(url + "/v1/alchemist/resume", headers=headers, timeout=60).raise_for_status()
-        status = wait_trained(url, headers)
-        training = status["schedulers"][0]["training"]
-        log.append({"round": round_index + 1, "seconds": time.monotonic() - started,
-                    "optimizer_steps": training["optimizer_steps"], "recent_loss": training["recent_loss"],
-                    "samples_replayed": training["samples_replayed"],
-                    "samples_recomputed": training["samples_recomputed"],
-                    "served_version": status["serving"]["served_version"]})
-        print(f"round {round_index + 1}: loss {training['recent_loss']:.3f}, "
-              f"version {status['serving']['served_version']}", flush=True)
-    return log
-
-
-def passes(before: dict, after: dict) -> dict:
+def fact_sets(facts: list[dict]) -> dict:
     return {
-        "facts": after["facts"]["right"] >= 6,
-        "paraphrases": after["paraphrases"]["right"] > before["paraphrases"]["right"],
-        "controls": after["controls"]["right"] >= before["controls"]["right"] - 1,
+        "facts": ([f["question"] for f in facts], [f["keys"] for f in facts]),
+        "paraphrases": ([p for f in facts for p in f["paraphrases"]], [f["keys"] for f in facts for _ in f["paraphrases"]]),
     }
 
 
-def run(url: str, rounds: int, headers: dict) -> dict:
-    before = evaluate(url, headers)
-    log = teach(url, headers, rounds)
-    after = evaluate(url, headers)
-    status = requests.get(url + "/v1/alchemist/status", headers=headers, timeout=60).json()
-    return {"rounds": rounds, "before": before, "after": after, "training_log": log, "pass": passes(before, after),
-            "config": status["schedulers"][0]["config"]}
+class Background:
+    """Other users' traffic while the facts are taught: a stream of short questions."""
+
+    def __init__(self, client: Client, questions: list[str]) -> None:
+        self.client, self.questions = client, questions
+        self.stop = threading.Event()
+        self.served = 0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        index = 0
+        while not self.stop.is_set():
+            self.client.ask(self.questions[index % len(self.questions)], max_tokens=16)
+            self.served += 1
+            index += 1
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(timeout=900)
 
 
-def print_table(result: dict) -> None:
-    print("| set | before | after |")
-    print("| --- | --- | --- |")
+def teach(client: Client, facts: list[dict], background_questions: list[str]) -> dict:
+    sent = []
+    with Background(client, background_questions) as background:
+        for fact in facts:
+            served = client.ask(fact["question"], max_tokens=24)
+            reply = client.feedback({"id": served["id"], "type": "correction", "completion": fact["answer"]})
+            sent.append({"question": fact["question"], "feedback_id": reply["id"], "sent_at": time.time(),
+                         "replayable": reply["activations_reusable"]})
+    status = client.settle()
+    versions = {v["version"]: v for v in client.get("/v1/alchemist/versions")["versions"]}
+    waits = []
+    for item in sent:
+        record = client.get(f"/v1/alchemist/feedback/{item['feedback_id']}")
+        item["state"], item["trained_version"] = record["state"], record["trained_version"]
+        if record["state"] == "trained":
+            waits.append(versions[record["trained_version"]]["created_at"] - item["sent_at"])
+    return {"feedback": sent, "background_requests": background.served, "status": status,
+            "seconds_to_version": {"median": statistics.median(waits) if waits else None,
+                                   "max": max(waits) if waits else None},
+            "states": {state: sum(1 for i in sent if i["state"] == state) for state in ("trained", "rejected", "dropped")}}
+
+
+def continual(client: Client, tokenizer, count: int) -> dict:
+    from sglang_alchemist.assets import sharegpt
+
+    started = time.monotonic()
+    for pair, _, _ in sharegpt.pairs(tokenizer, limit=count, seed=11, max_prompt_tokens=256):
+        served = client.ask(pair.prompt, max_tokens=48)
+        client.feedback({"id": served["id"], "type": "accept"})
+    client.settle()
+    return {"accepts": count, "seconds": time.monotonic() - started}
+
+
+def rejects(client: Client, tokenizer, questions: list[str]) -> dict:
+    rows = []
+    for question in questions:
+        served = client.ask(question, max_tokens=24)
+        prompt_ids = list(tokenizer.apply_chat_template([{"role": "user", "content": question}],
+                                                        add_generation_prompt=True, tokenize=True, return_dict=False))
+        answer_ids = tokenizer.encode(served["choices"][0]["message"]["content"], add_special_tokens=False)
+        rows.append({"question": question, "prompt_ids": prompt_ids, "answer_ids": answer_ids,
+                     "before": client.answer_logprob(prompt_ids, answer_ids)})
+        client.feedback({"id": served["id"], "type": "reject"})
+    client.settle()
+    for row in rows:
+        row["after"] = client.answer_logprob(row.pop("prompt_ids"), row.pop("answer_ids"))
+    return {"rejected": rows, "fell": sum(r["after"] < r["before"] for r in rows), "of": len(rows)}
+
+
+def run(url: str, split: str, accepts: int, n_rejects: int, facts_limit: int | None = None,
+        controls_limit: int | None = None, headers: dict | None = None) -> dict:
+    from transformers import AutoTokenizer
+
+    from sglang_alchemist.assets import sharegpt
+
+    client = Client(url, headers)
+    facts, controls = load_split(split, facts_limit, controls_limit)
+    tokenizer = AutoTokenizer.from_pretrained(client.get("/v1/alchemist/status")["schedulers"][0]["model"]["path"])
+    background = [pair.prompt for pair, _, _ in sharegpt.pairs(tokenizer, limit=40, seed=5, max_prompt_tokens=64)]
+    sets = fact_sets(facts)
+    control_questions, control_keys = [c["question"] for c in controls], [c["keys"] for c in controls]
+    started = time.monotonic()
+    before = {name: score(client, *sets[name]) for name in sets}
+    taught = teach(client, facts, background)
+    after = {name: score(client, *sets[name]) for name in sets}
+    after["controls"] = score(client, control_questions, control_keys)
+    before["controls"] = score(client, control_questions, control_keys, base=True)  # held out until now
+    training = taught["status"]["schedulers"][0]["training"]
+    result = {"split": split, "before": before, "after": after, "teach": taught,
+              "cost_per_correction": {
+                  "optimizer_steps": training["optimizer_steps"] / max(len(facts), 1),
+                  "training_seconds": training["busy_seconds"] / max(len(facts), 1)}}
+    if accepts:
+        result["continual"] = continual(client, tokenizer, accepts)
+        result["after_continual"] = {"facts": score(client, *sets["facts"]),
+                                     "controls": score(client, control_questions, control_keys)}
+    if n_rejects:
+        result["rejects"] = rejects(client, tokenizer, [b for b in background[:n_rejects]])
+    final = client.get("/v1/alchemist/status")["schedulers"][0]
+    result["gate"] = final["training"]["gate"]
+    result["config"] = final["config"]
+    result["seconds"] = time.monotonic() - started
+    result["pass"] = passes(result)
+    return result
+
+
+def passes(result: dict) -> dict:
+    before, after = result["before"], result["after"]
+    checks = {
+        "facts": after["facts"]["right"] >= 0.75 * after["facts"]["of"],
+        "paraphrases": after["paraphrases"]["right"] > before["paraphrases"]["right"],
+        "controls": after["controls"]["right"] >= before["controls"]["right"] - 1,
+    }
+    if "after_continual" in result:
+        kept = result["after_continual"]
+        checks["facts_kept"] = kept["facts"]["right"] >= 0.8 * after["facts"]["right"]
+        checks["controls_kept"] = kept["controls"]["right"] >= before["controls"]["right"] - 1
+    return checks
+
+
+def markdown(result: dict) -> str:
+    before, after = result["before"], result["after"]
+    lines = ["| set | before | after one correction each |"
+             + (f" after {result['continual']['accepts']} more accepts |" if "continual" in result else ""),
+             "| --- | --- | --- |" + (" --- |" if "continual" in result else "")]
     for name in ("facts", "paraphrases", "controls"):
-        b, a = result["before"][name], result["after"][name]
-        print(f"| {name} | {b['right']}/{b['of']} | {a['right']}/{a['of']} |")
-    print("pass:", result["pass"])
+        row = f"| {name} | {before[name]['right']}/{before[name]['of']} | {after[name]['right']}/{after[name]['of']} |"
+        if "after_continual" in result:
+            kept = result["after_continual"].get(name)
+            row += f" {kept['right']}/{kept['of']} |" if kept else " - |"
+        lines.append(row)
+    teach = result["teach"]
+    lines += ["", f"Correction -> served version: median {teach['seconds_to_version']['median']:.0f} s, max "
+              f"{teach['seconds_to_version']['max']:.0f} s (with other traffic served meanwhile); per correction "
+              f"{result['cost_per_correction']['optimizer_steps']:.1f} optimizer steps, "
+              f"{result['cost_per_correction']['training_seconds']:.0f} s of the training thread. Publish gate: "
+              f"{result['gate']['checks']} checks, {result['gate']['rejections']} rejected."]
+    if "rejects" in result:
+        rejected = result["rejects"]
+        lines.append(f"Rejects: the rejected answer's log-probability fell for {rejected['fell']}/{rejected['of']}.")
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--url", help="an already running server (default: launch one)")
-    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
-    parser.add_argument("--output", type=Path, default=Path("benchmark/results/quality.json"))
+    parser.add_argument("--split", default="report", choices=("tune", "report"))
+    parser.add_argument("--accepts", type=int, default=200)
+    parser.add_argument("--rejects", type=int, default=8)
+    parser.add_argument("--facts", type=int, default=None, help="only the first N facts of the split (smoke runs)")
+    parser.add_argument("--controls", type=int, default=None, help="only the first N controls of the split")
+    parser.add_argument("--output", type=Path, default=RESULTS_DIR / "quality.json")
     parser.add_argument("server_args", nargs="*", help="extra launcher flags (after --)")
     args = parser.parse_args()
     if args.url:
-        result = run(args.url, args.rounds, {})
+        result = run(args.url, args.split, args.accepts, args.rejects, args.facts, args.controls)
     else:
         with tempfile.TemporaryDirectory() as state_dir:  # a fresh journal and no old versions
             server_args = ["--alchemist-state-dir", state_dir, *args.server_args]
             with launched_server(server_args, name="quality") as server:
-                result = run(server.url, args.rounds, {})
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2))
-    print_table(result)
+                result = run(server.url, args.split, args.accepts, args.rejects, args.facts, args.controls)
+    result.update(command=command_line(), machine=machine(), markdown=markdown(result))
+    write_json(args.output, result)
+    print(result["markdown"])
+    print("pass:", result["pass"])
     print(f"written: {args.output}")
 
 
 if __name__ == "__main__":
+    random.seed(0)
     main()
-

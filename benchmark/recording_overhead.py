@@ -45,7 +45,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", default=str(smollm2.default_model_dir()))
     parser.add_argument("--num-prompts", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "recording_overhead.json")
     args = parser.parse_args()
 
@@ -53,8 +53,7 @@ def main() -> None:
     dataset = sharegpt_file(tokenizer)
     rounds = []
     with tempfile.TemporaryDirectory() as state_dir:
-        server_args = ["--model-path", args.model_path, "--alchemist-state-dir", state_dir,
-                       "--alchemist-activation-host-mb", "8192"]
+        server_args = ["--model-path", args.model_path, "--alchemist-state-dir", state_dir]  # default budgets
         with launched_server(server_args, name="recording-overhead") as server:
             for index in range(args.rounds):
                 pair = {}

@@ -1,38 +1,44 @@
-"""What training costs serving latency: TTFT/TPOT with training off vs on, at fixed request rates.
+"""What training costs serving, measured by the client: TTFT/TPOT with training paused vs on.
 
-One server (recording on). For each request rate, SGLang's own ``python -m
-sglang.benchmark.serving`` runs the same ShareGPT prompts twice, in alternating order:
+One server with the project defaults (recording on, the TPOT target of ``--tpot-slo-ms``). In
+one run:
 
-- **off**: training paused, no backlog;
-- **on**: a backlog of feedback on served ShareGPT responses (corrections = the ShareGPT reply,
-  recorded while served, so trained by replay) is waiting when the run starts and trains under
-  the SLO controller while the load runs.
+1. **Capacity**: SGLang's own ``python -m sglang.benchmark.serving`` at an unbounded request
+   rate, training paused: the request rate the engine sustains without training (``R``).
+2. **Idle training rate**: a feedback backlog trains on an idle engine for ``--idle-seconds``:
+   optimizer steps per second when training has the machine to itself.
+3. **Three loads**, each run with training paused and with training on (a backlog waiting),
+   in alternating order:
+   - *light*: one streaming chat at a time with ``--think-s`` between them (a closed loop),
+     timed at the client from the stream (TTFT: first content chunk; TPOT: per request,
+     ``(last chunk - first chunk) / (tokens - 1)`` with tokens from ``usage``);
+   - *half* and *80%* of ``R``: Poisson arrivals by SGLang's benchmark (its client-side
+     TTFT/TPOT), same prompts in both modes.
 
-Reported per rate: TTFT and TPOT p50/p99 for both, on/off ratios, training tokens/s during the
-"on" run, and the controller's SLO attainment. JSON, a Markdown table and a PNG plot.
+Reported per load: TTFT and TPOT p50/p90/p99 for both modes, training's optimizer steps and
+their rate against what the idle share of the engine could hold (idle training rate x idle
+share x duration; the idle share is the time the engine ran no batch, from the scheduler), and
+the checks of the issue: TPOT p90 on <= max(target, 1.10 x paused), TTFT p90 on <= 1.25 x paused,
+steps >= half of what the idle share could hold, and TPOT p99 within the target at 80% load.
 
-The TPOT target is ``--tpot-slo-ms`` (500 ms): on a 2-core CPU, SmolLM2 serving *alone* takes
-240-640 ms per output token at these rates, above the launcher's 200 ms default; a target that
-serving itself misses leaves training no time while requests run (it waits for idle gaps).
-
-    .venv/bin/python benchmark/serving_impact.py --rates 0.5,1,2 --output benchmark/results/serving_impact.json
+    .venv/bin/python benchmark/serving_impact.py --output benchmark/results/serving_impact.json
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, command_line, launched_server, machine, write_json  # noqa: E402
 from serving_bench import run_serving_benchmark, sharegpt_file  # noqa: E402
-
-METRICS = ("median_ttft_ms", "p99_ttft_ms", "median_tpot_ms", "p99_tpot_ms")
 
 
 def scheduler_status(url: str) -> dict:
@@ -40,64 +46,148 @@ def scheduler_status(url: str) -> dict:
 
 
 def post(url: str, path: str, body: dict | None = None) -> None:
-    requests.post(url + path, json=body or {}, timeout=120).raise_for_status()
+    requests.post(url + path, json=body or {}, timeout=300).raise_for_status()
 
 
 def build_backlog(url: str, tokenizer, count: int, seed: int, max_correction_tokens: int) -> None:
-    """Serve ShareGPT prompts (recorded) and correct each with its ShareGPT reply, training paused."""
+    """Serve ShareGPT prompts (recorded) and correct each with (the start of) its ShareGPT reply."""
     from sglang_alchemist.assets import sharegpt
 
-    post(url, "/v1/alchemist/pause")
-    for pair, _, _ in sharegpt.pairs(tokenizer, limit=count, seed=seed):
+    for pair, _, _ in sharegpt.pairs(tokenizer, limit=count, seed=seed, max_prompt_tokens=256):
         served = requests.post(url + "/v1/chat/completions", timeout=600, json={
-            "model": "default", "messages": [{"role": "user", "content": pair.prompt}], "max_tokens": 4,
+            "model": "default", "messages": [{"role": "user", "content": pair.prompt}], "max_tokens": 2,
         }).json()
         correction = tokenizer.decode(tokenizer.encode(pair.response, add_special_tokens=False)[:max_correction_tokens])
         requests.post(url + "/v1/feedback", timeout=600,
                       json={"id": served["id"], "type": "correction", "completion": correction}).raise_for_status()
 
 
-def measure(url: str, model_path: str, dataset: Path, rate: float, num_prompts: int, output_len: int,
-            training: bool, tokenizer, backlog: int, seed: int) -> dict:
-    if training:
-        build_backlog(url, tokenizer, backlog, seed=seed + 100, max_correction_tokens=128)
-        before = scheduler_status(url)
-        post(url, "/v1/alchemist/resume")
-    else:
-        post(url, "/v1/alchemist/pause")
-        before = scheduler_status(url)
-    started = time.monotonic()
+def ensure_backlog(url: str, tokenizer, minimum: int, seed: int) -> None:
+    post(url, "/v1/alchemist/pause")
+    queued = scheduler_status(url)["training"]["queue_depth"]
+    if queued < minimum:
+        build_backlog(url, tokenizer, minimum - queued, seed, max_correction_tokens=48)
+
+
+def percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"p50": None, "p90": None, "p99": None, "max": None}
+    array = np.array(values)
+    return {"p50": float(np.percentile(array, 50)), "p90": float(np.percentile(array, 90)),
+            "p99": float(np.percentile(array, 99)), "max": float(array.max())}
+
+
+def streaming_chat(url: str, prompt: str, max_tokens: int) -> tuple[float, float | None]:
+    """(TTFT, TPOT) of one streamed chat, both in ms, measured here."""
+    started = time.perf_counter()
+    first = last = None
+    tokens = 0
+    with requests.post(url + "/v1/chat/completions", stream=True, timeout=600, json={
+        "model": "default", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
+        "temperature": 0, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True},
+    }) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith(b"data: ") or line == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if any(choice.get("delta", {}).get("content") for choice in chunk.get("choices", [])):
+                now = time.perf_counter()
+                first = first or now
+                last = now
+    ttft = (first - started) * 1000
+    tpot = (last - first) * 1000 / (tokens - 1) if tokens > 1 and last > first else None
+    return ttft, tpot
+
+
+def light_load(url: str, prompts: list[str], duration_s: float, think_s: float, max_tokens: int) -> dict:
+    ttfts, tpots = [], []
+    deadline = time.monotonic() + duration_s
+    index = 0
+    while time.monotonic() < deadline:
+        ttft, tpot = streaming_chat(url, prompts[index % len(prompts)], max_tokens)
+        ttfts.append(ttft)
+        if tpot is not None:
+            tpots.append(tpot)
+        index += 1
+        time.sleep(think_s)
+    return {"requests": index, "ttft_ms": percentiles(ttfts), "tpot_ms": percentiles(tpots)}
+
+
+def rate_load(url: str, model_path: str, dataset: Path, rate: float, num_prompts: int, output_len: int,
+              tag: str, seed: int) -> dict:
     result = run_serving_benchmark(url, model_path, dataset, num_prompts, rate, output_len,
-                                   RESULTS_DIR / "tmp" / f"impact-{rate}-{'on' if training else 'off'}.jsonl",
-                                   seed=seed)
-    elapsed = time.monotonic() - started
-    after = scheduler_status(url)
-    trained_tokens = after["training"]["tokens_trained"] - before["training"]["tokens_trained"]
-    controller = after["scheduler"]
-    steps = controller["decode_steps"] - before["scheduler"]["decode_steps"]
-    within = controller["decode_steps_within_slo"] - before["scheduler"]["decode_steps_within_slo"]
-    if training:
-        post(url, "/v1/alchemist/pause")  # the rest of the backlog waits, out of the next run
+                                   RESULTS_DIR / "tmp" / f"impact-{tag}.jsonl", seed=seed)
     return {
-        **{key: result[key] for key in METRICS}, "completed": result["completed"],
-        "duration_s": result["duration"], "training_tokens": trained_tokens,
-        "training_tokens_per_s": trained_tokens / elapsed,
-        "decode_steps": steps, "slo_attainment": within / steps if steps else None,
+        "requests": result["completed"],
+        "ttft_ms": {"p50": result["median_ttft_ms"], "p90": result["p90_ttft_ms"], "p99": result["p99_ttft_ms"]},
+        "tpot_ms": {"p50": result["median_tpot_ms"], "p90": result["p90_tpot_ms"], "p99": result["p99_tpot_ms"]},
+        "request_throughput": result["request_throughput"],
     }
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| req/s | TTFT p50 off -> on (ms) | TTFT p99 off -> on | TPOT p50 off -> on | TPOT p99 off -> on "
-             "| TPOT p99 ratio | training tok/s | SLO attainment |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+def measure(url: str, run, training: bool, tokenizer, backlog: int, seed: int) -> dict:
+    if training:
+        ensure_backlog(url, tokenizer, backlog, seed)
+    else:
+        post(url, "/v1/alchemist/pause")
+    before = scheduler_status(url)
+    if training:
+        post(url, "/v1/alchemist/resume")
+    started = time.monotonic()
+    result = run()
+    elapsed = time.monotonic() - started
+    after = scheduler_status(url)
+    post(url, "/v1/alchemist/pause")  # the rest of the backlog waits, out of the next run
+    serving_s = after["scheduler"]["serving_seconds"] - before["scheduler"]["serving_seconds"]
+    return {**result, "duration_s": elapsed,
+            "optimizer_steps": after["training"]["optimizer_steps"] - before["training"]["optimizer_steps"],
+            "idle_share": max(0.0, 1 - serving_s / elapsed),
+            "controller_slo_attainment": after["scheduler"]["slo_attainment"]}
+
+
+def idle_training_rate(url: str, tokenizer, seconds: float, backlog: int) -> float:
+    ensure_backlog(url, tokenizer, backlog, seed=999)
+    before = scheduler_status(url)["training"]["optimizer_steps"]
+    post(url, "/v1/alchemist/resume")
+    time.sleep(seconds)
+    after = scheduler_status(url)["training"]["optimizer_steps"]
+    post(url, "/v1/alchemist/pause")
+    return (after - before) / seconds
+
+
+def checks(row: dict, target_ms: float, idle_rate: float) -> dict:
+    off, on = row["off"], row["on"]
+    expected_steps = idle_rate * on["idle_share"] * on["duration_s"]
+    result = {
+        "tpot_p90_ok": on["tpot_ms"]["p90"] <= max(target_ms, 1.10 * off["tpot_ms"]["p90"]),
+        "ttft_p90_ok": on["ttft_ms"]["p90"] <= 1.25 * off["ttft_ms"]["p90"],
+        "steps_expected_from_idle_share": expected_steps,
+        "steps_ok": on["optimizer_steps"] >= 0.5 * expected_steps,
+    }
+    if row["load"] == "80%":
+        result["tpot_p99_within_target"] = on["tpot_ms"]["p99"] <= target_ms
+    return result
+
+
+def markdown(rows: list[dict], target_ms: float, capacity: float, idle_rate: float) -> str:
+    lines = [f"Engine capacity without training: {capacity:.2f} req/s; idle-engine training: {idle_rate:.2f} "
+             f"optimizer steps/s; TPOT target {target_ms:.0f} ms.", "",
+             "| load | TTFT p50 / p90 off -> on (ms) | TPOT p50 / p90 / p99 off -> on (ms) | steps on (idle-share "
+             "bound) | checks |", "| --- | --- | --- | --- | --- |"]
     for row in rows:
-        off, on = row["off"], row["on"]
-        attainment = "-" if on["slo_attainment"] is None else f"{on['slo_attainment']:.1%}"
+        off, on, check = row["off"], row["on"], row["checks"]
+        passed = [name for name, ok in check.items() if isinstance(ok, bool) and ok]
+        failed = [name for name, ok in check.items() if isinstance(ok, bool) and not ok]
         lines.append(
-            f"| {row['rate']} | {off['median_ttft_ms']:.0f} -> {on['median_ttft_ms']:.0f} "
-            f"| {off['p99_ttft_ms']:.0f} -> {on['p99_ttft_ms']:.0f} "
-            f"| {off['median_tpot_ms']:.1f} -> {on['median_tpot_ms']:.1f} "
-            f"| {off['p99_tpot_ms']:.1f} -> {on['p99_tpot_ms']:.1f} "
-            f"| {on['p99_tpot_ms'] / off['p99_tpot_ms']:.2f} | {on['training_tokens_per_s']:.0f} | {attainment} |")
+            f"| {row['load']} ({row['rate_label']}) | {off['ttft_ms']['p50']:.0f} / {off['ttft_ms']['p90']:.0f} -> "
+            f"{on['ttft_ms']['p50']:.0f} / {on['ttft_ms']['p90']:.0f} | {off['tpot_ms']['p50']:.0f} / "
+            f"{off['tpot_ms']['p90']:.0f} / {off['tpot_ms']['p99']:.0f} -> {on['tpot_ms']['p50']:.0f} / "
+            f"{on['tpot_ms']['p90']:.0f} / {on['tpot_ms']['p99']:.0f} | {on['optimizer_steps']} "
+            f"({check['steps_expected_from_idle_share']:.1f}) | "
+            f"{'pass: ' + ', '.join(passed) if passed else ''}{'; FAIL: ' + ', '.join(failed) if failed else ''} |")
     return "\n".join(lines)
 
 
@@ -107,17 +197,21 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rates = [row["rate"] for row in rows]
-    figure, axes = plt.subplots(1, 3, figsize=(14, 4))
-    for axis, metric, label in ((axes[0], "p99_ttft_ms", "TTFT p99 (ms)"), (axes[1], "p99_tpot_ms", "TPOT p99 (ms)")):
-        for mode, style in (("off", "o-"), ("on", "s-")):
-            axis.plot(rates, [row[mode][metric] for row in rows], style, label=f"training {mode}")
-        axis.set_xlabel("request rate (req/s)")
-        axis.set_ylabel(label)
+    labels = [row["load"] for row in rows]
+    x = np.arange(len(rows))
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for axis, metric, title in ((axes[0], "ttft_ms", "TTFT p90 (ms)"), (axes[1], "tpot_ms", "TPOT p90 (ms)")):
+        axis.bar(x - 0.2, [row["off"][metric]["p90"] for row in rows], 0.4, label="training paused")
+        axis.bar(x + 0.2, [row["on"][metric]["p90"] for row in rows], 0.4, label="training on")
+        axis.set_xticks(x, labels)
+        axis.set_ylabel(title)
         axis.legend()
-    axes[2].bar([str(r) for r in rates], [row["on"]["training_tokens_per_s"] for row in rows], color="tab:green")
-    axes[2].set_xlabel("request rate (req/s)")
-    axes[2].set_ylabel("training tokens/s while serving")
+    axes[2].bar(x - 0.2, [row["checks"]["steps_expected_from_idle_share"] for row in rows], 0.4,
+                label="idle-share bound", color="tab:gray")
+    axes[2].bar(x + 0.2, [row["on"]["optimizer_steps"] for row in rows], 0.4, label="training on", color="tab:green")
+    axes[2].set_xticks(x, labels)
+    axes[2].set_ylabel("optimizer steps during the load")
+    axes[2].legend()
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
@@ -125,39 +219,62 @@ def plot(rows: list[dict], path: Path) -> None:
 def main() -> None:
     from transformers import AutoTokenizer
 
-    from sglang_alchemist.assets import smollm2
+    from sglang_alchemist.assets import sharegpt, smollm2
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", default=str(smollm2.default_model_dir()))
-    parser.add_argument("--rates", default="0.5,1,2")
+    parser.add_argument("--tpot-slo-ms", type=float, default=200.0, help="the launcher's default target")
+    parser.add_argument("--light-seconds", type=float, default=90.0)
+    parser.add_argument("--think-s", type=float, default=1.0)
+    parser.add_argument("--light-tokens", type=int, default=32)
     parser.add_argument("--num-prompts", type=int, default=24)
-    parser.add_argument("--output-len", type=int, default=48)
-    parser.add_argument("--backlog", type=int, default=24)
-    parser.add_argument("--tpot-slo-ms", type=float, default=500.0)
+    parser.add_argument("--output-len", type=int, default=32)
+    parser.add_argument("--idle-seconds", type=float, default=60.0)
+    parser.add_argument("--backlog", type=int, default=40)
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "serving_impact.json")
     parser.add_argument("server_args", nargs="*", help="extra launcher flags (after --)")
     args = parser.parse_args()
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_path)
     dataset = sharegpt_file(tokenizer)
+    prompts = [pair.prompt for pair, _, _ in sharegpt.pairs(tokenizer, limit=60, seed=3, max_prompt_tokens=96)]
     rows = []
     with tempfile.TemporaryDirectory() as state_dir:
         server_args = ["--model-path", args.model_path, "--alchemist-state-dir", state_dir,
                        "--alchemist-tpot-slo-ms", str(args.tpot_slo_ms), *args.server_args]
         with launched_server(server_args, name="serving-impact") as server:
-            config = scheduler_status(server.url)["config"]
-            for index, rate in enumerate(float(r) for r in args.rates.split(",")):
-                row = {"rate": rate}
+            url = server.url
+            config = scheduler_status(url)["config"]
+            post(url, "/v1/alchemist/pause")
+            run_serving_benchmark(url, args.model_path, dataset, 4, float("inf"), 8,
+                                  RESULTS_DIR / "tmp" / "impact-warmup.jsonl", seed=0)
+            capacity = rate_load(url, args.model_path, dataset, float("inf"), args.num_prompts, args.output_len,
+                                 "capacity", seed=1)["request_throughput"]
+            print(f"capacity without training: {capacity:.2f} req/s", flush=True)
+            idle_rate = idle_training_rate(url, tokenizer, args.idle_seconds, args.backlog)
+            print(f"idle-engine training: {idle_rate:.2f} optimizer steps/s", flush=True)
+            loads = [
+                ("light", f"1 stream, {args.think_s:.0f} s think", lambda: light_load(
+                    url, prompts, args.light_seconds, args.think_s, args.light_tokens)),
+                ("half", f"{0.5 * capacity:.2f} req/s", lambda: rate_load(
+                    url, args.model_path, dataset, 0.5 * capacity, args.num_prompts, args.output_len, "half", 2)),
+                ("80%", f"{0.8 * capacity:.2f} req/s", lambda: rate_load(
+                    url, args.model_path, dataset, 0.8 * capacity, args.num_prompts, args.output_len, "80", 3)),
+            ]
+            for index, (name, label, run) in enumerate(loads):
+                row = {"load": name, "rate_label": label}
                 for training in ((False, True) if index % 2 == 0 else (True, False)):
                     mode = "on" if training else "off"
-                    row[mode] = measure(server.url, args.model_path, dataset, rate, args.num_prompts,
-                                        args.output_len, training, tokenizer, args.backlog, seed=index)
-                    print(f"rate {rate} training {mode}: TPOT p99 {row[mode]['p99_tpot_ms']:.1f} ms, "
-                          f"TTFT p99 {row[mode]['p99_ttft_ms']:.0f} ms", flush=True)
+                    row[mode] = measure(url, run, training, tokenizer, args.backlog, seed=10 + index)
+                    print(f"{name} training {mode}: TTFT p90 {row[mode]['ttft_ms']['p90']:.0f} ms, TPOT p90 "
+                          f"{row[mode]['tpot_ms']['p90']:.0f} ms, steps {row[mode]['optimizer_steps']}", flush=True)
+                row["checks"] = checks(row, args.tpot_slo_ms, idle_rate)
                 rows.append(row)
-            post(server.url, "/v1/alchemist/resume")
+            post(url, "/v1/alchemist/resume")
     result = {"command": command_line(), "machine": machine(), "model": args.model_path, "config": config,
-              "rows": rows, "markdown": markdown(rows)}
+              "tpot_slo_ms": args.tpot_slo_ms, "capacity_req_per_s": capacity,
+              "idle_training_steps_per_s": idle_rate, "rows": rows,
+              "markdown": markdown(rows, args.tpot_slo_ms, capacity, idle_rate)}
     write_json(args.output, result)
     plot(rows, args.output.with_suffix(".png"))
     print(result["markdown"])

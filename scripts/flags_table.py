@@ -26,6 +26,8 @@ def flags_table() -> str:
 
 
 def _allowed_from_check(spec) -> str:
+    if spec.metadata.get("allowed"):
+        return spec.metadata["allowed"]
     check = spec.metadata["check"]
     if spec.type in ("bool", bool):
         return "switch (no value)"

@@ -10,12 +10,18 @@ import torch
 
 
 def tiny_server_args(model_dir: Path, state_dir: Path, *extra: str) -> list[str]:
-    """Flags for a tiny-model server: fp32 for exact parity, a small KV pool, fresh state."""
+    """Flags for a tiny-model server: fp32 for exact parity, a small KV pool, fresh state.
+
+    The publish gate is off: a random model has no knowledge to guard, and any update changes
+    its answers everywhere (tests of the gate turn it on themselves).
+    """
+    gate = [] if "--alchemist-gate-max-regressions" in extra else ["--alchemist-gate-max-regressions", "-1"]
     return [
         "--model-path", str(model_dir),
         "--dtype", "float32",
         "--max-total-tokens", "8192",
         "--alchemist-state-dir", str(state_dir),
+        *gate,
         *extra,
     ]
 

@@ -37,10 +37,37 @@ def test_readme_starts_with_the_setup_and_test_commands_that_ci_runs():
 def test_readme_results_are_the_summary_of_the_committed_benchmark_json():
     run_all = _load_module("run_all", REPO / "benchmark" / "run_all.py")
     summary = run_all.summary()
-    for name, _ in run_all.BENCHMARKS:  # every benchmark's figures are committed
-        assert run_all.load(name) is not None, f"benchmark/results/{name}.json is missing"
+    for name, _ in run_all.BENCHMARKS:  # every benchmark's figures are committed, or the summary says why not
+        assert run_all.load(name) is not None or name in run_all.NOT_RUN, f"benchmark/results/{name}.json is missing"
+    for name in run_all.NOT_RUN:
+        if run_all.load(name) is None:
+            assert f"`{name}` | - | not measured" in summary
     assert (REPO / "benchmark" / "results" / "summary.md").read_text() == summary
     readme = (REPO / "README.md").read_text()
     assert run_all.readme_with_summary(readme, summary) == readme, (
         "README results are stale: run .venv/bin/python benchmark/run_all.py --summary-only --write-readme"
     )
+
+
+def test_grafana_dashboard_is_valid_and_charts_only_metrics_the_server_exports():
+    import json
+    import re
+
+    from sglang_alchemist.api.metrics import METRICS, PREFIX
+
+    dashboard = json.loads((REPO / "docs" / "grafana" / "sglang_alchemist.json").read_text())
+    assert dashboard["title"] and dashboard["uid"] and isinstance(dashboard["schemaVersion"], int)
+    exported = {PREFIX + name + ("_total" if kind == "counter" else "") for name, kind, _, _ in METRICS}
+    exported |= {PREFIX + name for name in ("served_adapter_version", "reuse_ratio", "metrics_age_seconds")}
+    charted = set()
+    for panel in dashboard["panels"]:
+        assert panel["title"] and panel["targets"] and {"h", "w", "x", "y"} <= set(panel["gridPos"])
+        for target in panel["targets"]:
+            charted |= set(re.findall(r"sglang_alchemist_[a-z_]+", target["expr"]))
+    assert charted <= exported, charted - exported
+    titles = " ".join(panel["title"].lower() for panel in dashboard["panels"])
+    for topic in ("steps", "loss", "queue", "versions", "reuse", "slo", "store", "journal"):
+        assert topic in titles, topic
+    for family in ("optimizer_steps_total", "recent_loss", "queue_depth", "served_adapter_version", "reuse_ratio",
+                   "slo_attainment", "ttft_attainment", "store_host_bytes", "journal_trained_total"):
+        assert PREFIX + family in charted, family

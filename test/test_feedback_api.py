@@ -7,13 +7,28 @@ API key occupies ``Authorization``).
 
 from __future__ import annotations
 
+import asyncio
+import errno
+import json
+import logging
+import socket
+import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
 import torch
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from peft import PeftModel
+from starlette.requests import Request
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from sglang_alchemist.api import routes
+from sglang_alchemist.api.feedback import FeedbackError, FeedbackService, feedback_route, read_body
+from sglang_alchemist.config import AlchemistConfig
+from sglang_alchemist.feedback.journal import Journal, storage_failure
 
 from helpers import tiny_server_args
 
@@ -28,7 +43,7 @@ def server(launch_server, tiny_model_dir, tmp_path_factory):
     args = tiny_server_args(
         tiny_model_dir, tmp_path_factory.mktemp("state"),
         "--api-key", API_KEY, "--alchemist-admin-key", ADMIN_KEY,
-        "--alchemist-lr", "0.02", "--alchemist-batch-samples", "1",
+        "--alchemist-lr", "0.02",
         "--alchemist-max-feedback-bytes", str(MAX_BYTES),
     )
     server = launch_server(args, name="feedback-api")
@@ -92,7 +107,21 @@ def test_bad_feedback_gets_its_status_code_and_the_server_keeps_serving(server):
         ({"id": served["id"], "type": "accept", "prompt": "x"}, 400, "not both"),
         ({"prompt": "x"}, 400, "non-empty 'completion'"),
         ({"id": "no-such-completion", "type": "accept"}, 404, "no served response"),
+        ({"id": "\u0000\u001b[0m\n", "type": "accept"}, 404, "no served response"),  # control characters
         ({"id": served["id"], "type": "correction", "completion": "x" * (MAX_BYTES + 10)}, 413, "limit"),
+        # text that is not valid Unicode: a lone UTF-16 surrogate, named by its field
+        ({"id": served["id"], "type": "correction", "completion": "fine \ud800"}, 400,
+         "'completion' contains a lone UTF-16 surrogate"),
+        ({"messages": [{"role": "user", "content": "hi \udfff"}], "completion": "x"}, 400,
+         "'messages[0].content' contains a lone UTF-16 surrogate"),
+        ({"prompt": "\ud800", "completion": "x"}, 400, "'prompt' contains a lone UTF-16 surrogate"),
+        ({"id": "\udc00" + served["id"], "type": "accept"}, 400, "'id' contains a lone UTF-16 surrogate"),
+        ({"prompt": "x", "completion": "y", "\ud800": 1}, 400, "a field name contains a lone UTF-16 surrogate"),
+        # JSON the parser refuses in other ways than a syntax error
+        (b'{"prompt": "a\x01b", "completion": "c"}', 400, "not valid JSON"),  # an unescaped control char
+        (b"[" * 1900, 400, "nested too deeply"),
+        ({"id": served["id"], "type": "accept", "weight": 10**400}, 400, "'weight' must be a number > 0"),
+        (b"\xff\xfe{}", 400, "not valid JSON"),
     ]
     for body, status_code, fragment in cases:
         assert_openai_error(post_feedback(server, body), status_code, fragment)
@@ -123,6 +152,9 @@ def test_admin_endpoints_refuse_without_the_admin_key(server):
         wrong = getattr(requests, method)(server.url + path, timeout=60,
                                           headers={**USER, "X-Alchemist-Admin-Key": "wrong"})
         assert wrong.status_code == 401
+        non_ascii = getattr(requests, method)(server.url + path, timeout=60,
+                                              headers={**USER, "X-Alchemist-Admin-Key": "clé-ключ".encode()})
+        assert_openai_error(non_ascii, 401, "admin key")
     assert requests.get(server.url + "/v1/alchemist/versions", headers=ADMIN, timeout=60).status_code == 200
 
 
@@ -229,3 +261,241 @@ def test_metrics_are_exported_in_prometheus_format(server):
         assert name in text, name
     steps = next(line for line in text.splitlines() if line.startswith("sglang_alchemist_optimizer_steps_total{"))
     assert float(steps.split()[-1]) >= 5
+
+
+def test_control_characters_are_text_and_are_trained(server):
+    # escaped in JSON, control characters are ordinary text (code, terminal output): accepted
+    response = post_feedback(server, {"prompt": "tab\there, nul\u0000, escape\u001b[0m", "completion": "bell\u0007."})
+    assert response.status_code == 202, response.text
+    assert response.json()["target_tokens"] > 1
+    response = post_feedback(server, {"messages": [{"role": "user", "content": "a\u0000b\u007f\u0085"}],
+                                      "completion": "\u001b"})
+    assert response.status_code == 202, response.text
+    assert chat(server, "Still serving?")["choices"]
+
+
+def raw_exchange(server, head: str, body_parts: list[bytes] = (), timeout_s: float = 20) -> tuple[int, dict]:
+    """Send raw HTTP (no client library completes a body for us); return the status and JSON reply."""
+    with socket.create_connection(("127.0.0.1", server.port), timeout=timeout_s) as sock:
+        sock.sendall(head.encode())
+        for part in body_parts:
+            sock.sendall(part)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            assert chunk, f"connection closed without a response: {data!r}"
+            data += chunk
+        header, body = data.split(b"\r\n\r\n", 1)
+        length = next(int(line.split(b":", 1)[1]) for line in header.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            assert chunk, "connection closed mid-response"
+            body += chunk
+    return int(header.split(b" ", 2)[1]), json.loads(body)
+
+
+def feedback_head(extra: str) -> str:
+    return (f"POST /v1/feedback HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {API_KEY}\r\n"
+            f"Content-Type: application/json\r\n{extra}\r\n")
+
+
+def test_an_oversized_body_gets_413_without_being_read(server):
+    # a declared length over the limit is refused at once: not one byte of the body is sent
+    started = time.monotonic()
+    status, reply = raw_exchange(server, feedback_head("Content-Length: 1000000000\r\n"))
+    assert status == 413 and "1000000000 bytes" in reply["error"]["message"], reply
+    assert reply["error"]["code"] == 413 and time.monotonic() - started < 10
+    # without a declared length (chunked), reading stops as soon as the limit is passed: the
+    # body never ends here, so a server reading all of it would never answer
+    chunk = b'{"prompt": "' + b"x" * 1000
+    parts = [f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n"] * 3
+    status, reply = raw_exchange(server, feedback_head("Transfer-Encoding: chunked\r\n"), parts)
+    assert status == 413 and f"over {MAX_BYTES} bytes" in reply["error"]["message"], reply
+    assert requests.get(server.url + "/health", timeout=30).status_code == 200
+
+
+def test_concurrent_feedback_for_one_id_is_one_record(server):
+    served = chat(server, "Concurrency, one id.")
+    body = {"id": served["id"], "type": "correction", "completion": "Once."}
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda _: post_feedback(server, body), range(8)))
+    assert all(r.status_code == 202 for r in replies), [r.text for r in replies]
+    assert len({r.json()["id"] for r in replies}) == 1
+    assert sum(not r.json().get("duplicate") for r in replies) == 1
+    served = chat(server, "Concurrency, different bodies.")
+    bodies = [{"id": served["id"], "type": "correction", "completion": f"Answer {i}."} for i in range(6)]
+    with ThreadPoolExecutor(6) as pool:
+        codes = sorted(r.status_code for r in pool.map(lambda b: post_feedback(server, b), bodies))
+    assert codes == [202] + [409] * 5, codes
+
+
+# --- the feedback route's work without a server: fake scheduler, real journal, ASGI request -----
+
+
+class FakeTokenizer:
+    eos_token_id = 0
+
+    def encode(self, text, add_special_tokens=True):
+        return [1 + ord(c) % 100 for c in text]
+
+    def apply_chat_template(self, messages, **kwargs):
+        return [1] + [1 + ord(c) % 100 for m in messages for c in m["content"]]
+
+
+def fake_request(body: bytes, chunk_size: int | None = None, declare_length: bool = True):
+    """A Starlette request whose body arrives in chunks; also returns the list of chunks read."""
+    size = chunk_size or max(1, len(body))
+    chunks = [body[i:i + size] for i in range(0, len(body), size)] or [b""]
+    messages = [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+    read: list[dict] = []
+
+    async def receive():
+        if messages:
+            read.append(messages.pop(0))
+            return read[-1]
+        return {"type": "http.disconnect"}
+
+    headers = [(b"content-length", str(len(body)).encode())] if declare_length else []
+    return Request({"type": "http", "method": "POST", "path": "/v1/feedback", "headers": headers}, receive), read
+
+
+class FakeScheduler:
+    def __init__(self) -> None:
+        self.gates: dict[str, asyncio.Event] = {}
+        self.ops: list[str] = []
+
+    async def __call__(self, op, payload):
+        self.ops.append(op)
+        if op == "lookup":
+            if payload["id"] in self.gates:
+                await self.gates[payload["id"]].wait()
+            return [{"prompt_ids": [5, 6], "output_ids": [7, 8], "adapter_version": 0}]
+        if op == "enqueue":
+            return [{"activations_reusable": True, "replay_blocker": None, "queued": True}]
+        return [{}]
+
+
+def served_body(completion_id: str, kind: str = "accept") -> bytes:
+    return json.dumps({"id": completion_id, "type": kind}).encode()
+
+
+def test_feedback_for_one_id_does_not_wait_for_another_ids_scheduler_round_trip(tmp_path):
+    async def scenario():
+        scheduler = FakeScheduler()
+        scheduler.gates["slow"] = asyncio.Event()
+        service = FeedbackService(Journal(tmp_path / "j.sqlite3"), AlchemistConfig(state_dir=str(tmp_path)), scheduler)
+        slow = asyncio.create_task(service.handle(fake_request(served_body("slow"))[0], FakeTokenizer()))
+        await asyncio.sleep(0.1)  # "slow" now waits in its scheduler lookup
+        fast = await asyncio.wait_for(service.handle(fake_request(served_body("fast"))[0], FakeTokenizer()), 5)
+        assert fast["completion_id"] == "fast" and not slow.done()
+        scheduler.gates["slow"].set()
+        assert (await slow)["completion_id"] == "slow"
+        assert len(service._locks) == 0  # per-id locks are dropped when unused
+
+    asyncio.run(scenario())
+
+
+def test_a_concurrent_duplicate_refused_by_the_journal_is_answered_as_the_duplicate_path_does(tmp_path):
+    async def race(first_body: bytes, second_body: bytes, completion_id: str):
+        journal = Journal(tmp_path / "j.sqlite3")
+        scheduler = FakeScheduler()
+        scheduler.gates[completion_id] = asyncio.Event()
+        config = AlchemistConfig(state_dir=str(tmp_path))
+        # two services (as two HTTP processes): their per-id locks do not see each other
+        one, two = FeedbackService(journal, config, scheduler), FeedbackService(journal, config, scheduler)
+        tasks = [asyncio.create_task(feedback_route(fake_request(body)[0], service, FakeTokenizer()))
+                 for service, body in ((one, first_body), (two, second_body))]
+        await asyncio.sleep(0.1)
+        scheduler.gates[completion_id].set()
+        return [json.loads((await task).body) | {"status": (await task).status_code} for task in tasks]
+
+    same = asyncio.run(race(served_body("c1"), served_body("c1"), "c1"))
+    assert [r["status"] for r in same] == [202, 202], same
+    assert same[0]["id"] == same[1]["id"] and [bool(r.get("duplicate")) for r in same] == [False, True]
+    different = asyncio.run(race(served_body("c2"), served_body("c2", "reject"), "c2"))
+    assert [r["status"] for r in different] == [202, 409], different
+    assert "already has a different feedback" in different[1]["error"]["message"]
+
+
+@pytest.mark.parametrize("failure", [
+    sqlite3.OperationalError("database or disk is full"),
+    sqlite3.OperationalError("attempt to write a readonly database"),
+    sqlite3.OperationalError("database is locked"),
+    OSError(errno.ENOSPC, "No space left on device"),
+    OSError(errno.EROFS, "Read-only file system"),
+])
+def test_a_journal_that_cannot_store_answers_503_and_stores_nothing(tmp_path, failure):
+    class FailingJournal(Journal):
+        def insert(self, record):
+            raise failure
+
+    journal = FailingJournal(tmp_path / "j.sqlite3")
+    scheduler = FakeScheduler()
+    service = FeedbackService(journal, AlchemistConfig(state_dir=str(tmp_path)), scheduler)
+    for body in (served_body("c1"), json.dumps({"prompt": "p", "completion": "c"}).encode()):
+        response = asyncio.run(feedback_route(fake_request(body)[0], service, FakeTokenizer()))
+        assert response.status_code == 503 and response.headers["retry-after"]
+        error = json.loads(response.body)["error"]
+        assert error["code"] == 503 and error["type"] == "service_unavailable_error"
+        assert "could not store this feedback" in error["message"] and "Nothing was stored" in error["message"]
+        assert "retry later" in error["message"].lower() and storage_failure(failure) in error["message"]
+    assert journal.counts()["total"] == 0 and "enqueue" not in scheduler.ops
+    assert storage_failure(RuntimeError("a bug")) is None
+    assert storage_failure(sqlite3.IntegrityError("UNIQUE constraint failed")) is None
+
+
+def test_the_body_is_read_incrementally_and_not_past_the_limit():
+    async def scenario():
+        # declared too long: refused before any chunk is read
+        request, read = fake_request(b"x" * 5000, chunk_size=100)
+        with pytest.raises(FeedbackError) as raised:
+            await read_body(request, 1000)
+        assert raised.value.status_code == 413 and read == []
+        # not declared: refused once past the limit, the rest is never read
+        request, read = fake_request(b"x" * 5000, chunk_size=100, declare_length=False)
+        with pytest.raises(FeedbackError) as raised:
+            await read_body(request, 1000)
+        assert raised.value.status_code == 413 and len(read) == 11
+        request, read = fake_request(b"x" * 1000, chunk_size=100, declare_length=False)
+        assert await read_body(request, 1000) == b"x" * 1000
+        # a client gone mid-body: a 4xx for nobody, not an exception
+        request, _ = fake_request(b"x" * 500, chunk_size=100)
+        request._receive = _disconnect_after(request._receive, 2)
+        with pytest.raises(FeedbackError) as raised:
+            await read_body(request, 1000)
+        assert raised.value.status_code == 400 and "disconnected" in str(raised.value)
+
+    asyncio.run(scenario())
+
+
+def _disconnect_after(receive, count: int):
+    calls = 0
+
+    async def wrapped():
+        nonlocal calls
+        calls += 1
+        return await receive() if calls <= count else {"type": "http.disconnect"}
+
+    return wrapped
+
+
+def test_an_unexpected_exception_in_a_route_is_an_openai_500_with_a_logged_traceback(tmp_path, monkeypatch,
+                                                                                       caplog):
+    def broken():
+        raise RuntimeError("secret internal detail")
+
+    monkeypatch.setattr(routes, "_tokenizer_manager", broken)
+    app = FastAPI()
+    routes.AlchemistApi(AlchemistConfig(state_dir=str(tmp_path)), admin_key=None).register(app)
+    client = TestClient(app, raise_server_exceptions=False)
+    with caplog.at_level(logging.ERROR, logger="sglang_alchemist"):
+        for method, path in (("post", "/v1/feedback"), ("get", "/v1/alchemist/status"),
+                             ("post", "/v1/alchemist/pause"), ("get", "/v1/alchemist/metrics")):
+            response = client.request(method.upper(), path, json={"prompt": "p", "completion": "c"})
+            assert response.status_code == 500, (path, response.text)
+            error = response.json()["error"]
+            assert error["type"] == "server_error" and error["code"] == 500 and "param" in error
+            assert "RuntimeError" in error["message"] and "secret internal detail" not in error["message"]
+    tracebacks = [r for r in caplog.records if r.exc_info and "secret internal detail" in str(r.exc_info[1])]
+    assert len(tracebacks) == 4

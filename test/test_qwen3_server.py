@@ -37,7 +37,7 @@ def qwen3_dir(tmp_path_factory):
 def server(launch_server, qwen3_dir, tmp_path_factory):
     args = tiny_server_args(
         qwen3_dir, tmp_path_factory.mktemp("state"), "--alchemist-debug-endpoints",
-        "--alchemist-lr", "0.02", "--alchemist-lora-rank", "4", "--alchemist-batch-samples", "1",
+        "--alchemist-lr", "0.02", "--alchemist-lora-rank", "4",
     )
     server = launch_server(args, name="qwen3")
     yield server

@@ -65,7 +65,7 @@ def store_status(server) -> dict:
 
 
 def assert_record_matches_transformers(record: dict, model, input_ids: list[int]) -> None:
-    assert record["has_activations"], record
+    assert record["has_activations"] and record["replay_blocker"] is None, record
     recorded = load_file(record["path"])
     expected = transformers_intermediates(model, input_ids)
     assert set(recorded) == set(expected)
@@ -119,7 +119,7 @@ def test_unrecorded_requests_store_nothing(server):
     output = generate(server, list(range(300, 330)), record=False)
     after = store_status(server)
     record = record_of(server, output["meta_info"]["id"])
-    assert not record["has_activations"] and record["missing_reason"] == "not_recorded"
+    assert not record["has_activations"] and record["replay_blocker"] == "not_recorded"
     assert after["store"]["chunks_stored"] == before["store"]["chunks_stored"]
     assert after["recording"]["tokens_recorded"] == before["recording"]["tokens_recorded"]
 
@@ -133,7 +133,8 @@ def test_a_reused_kv_slot_is_detected_and_not_replayed(server):
     third = generate(server, list(range(200, 240)) + [5, 6, 7], max_new_tokens=1)
     assert third["meta_info"]["cached_tokens"] >= 39
     record = record_of(server, third["meta_info"]["id"])
-    assert not record["has_activations"] and record["missing_reason"] == "slot_reused"
+    # the cached prefix's rows belong to other tokens: holes (computed when trained); the new rows are recorded
+    assert record["replay_blocker"] == "slot_reused" and record["rows_recorded"] == 3, record
     assert store_status(server)["store"]["prefix_slot_reused"] == before + 1
 
 
@@ -150,7 +151,7 @@ def test_burst_of_50_recorded_requests_respects_budgets_lru_and_layer_order(serv
     assert status["internal_errors"] == 0
     records = [record_of(server, output["meta_info"]["id"]) for output in outputs]
     kept = [r for r in records if r["has_activations"]]
-    reasons = {r["missing_reason"] for r in records if not r["has_activations"]}
+    reasons = {r["replay_blocker"] for r in records if not r["has_activations"]}
     assert reasons == {"evicted"}, reasons
     assert not records[0]["has_activations"]  # the least recently used went first
     assert any(r["has_activations"] for r in records[-8:])  # the newest stayed

@@ -1,23 +1,27 @@
-"""The unified scheduler under load: training interleaves with decode batches within the TPOT target.
+"""Training beside serving: the training thread makes progress under continuous traffic, and the
+controller's rules (hold while a prefill waits, a TPOT-driven duty cycle, slices sized by a
+learned cost model) hold.
 
-A tiny-model server gets a backlog of feedback and a bounded loopback load of concurrent
-streaming chats. The SLO controller's own accounting must show >= 95% of decode steps within
-the target while training progresses between decode batches; with a target too tight for any
-training slice, training waits while the load lasts and resumes once the engine is idle. Every
-request completes.
+Latency itself is a performance claim, measured at the client by ``benchmark/serving_impact.py``
+(CPU timings vary 3-5x between identical runs: no test asserts on wall time). What is checked
+here is behaviour: with requests sent back to back, one at a time, training still takes optimizer
+steps (the engine's gaps are used), every request completes, nothing fails in the scheduler.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import json
 import time
 
-import openai
 import pytest
 import requests
 
-from sglang_alchemist.scheduler.controller import SloController
+from sglang_alchemist.scheduler.controller import (
+    IDLE_SLICE_FRACTION,
+    MIN_DUTY,
+    SLICE_FRACTION,
+    SloController,
+)
+from sglang_alchemist.scheduler.cost_model import SliceCostModel
 
 from helpers import status, tiny_server_args
 
@@ -28,8 +32,8 @@ TPOT_TARGET_MS = 150
 def server(launch_server, tiny_model_dir, tmp_path_factory):
     args = tiny_server_args(
         tiny_model_dir, tmp_path_factory.mktemp("state"),
-        "--alchemist-tpot-slo-ms", str(TPOT_TARGET_MS), "--alchemist-batch-samples", "1",
-        "--alchemist-lr", "0.0005",
+        "--alchemist-tpot-slo-ms", str(TPOT_TARGET_MS), "--alchemist-lr", "0.0005",
+        "--alchemist-gate-max-regressions", "-1",  # a random tiny model has no knowledge to guard
     )
     server = launch_server(args, name="slo")
     yield server
@@ -45,37 +49,22 @@ def submit_backlog(server, count: int) -> None:
         assert response.status_code == 202, response.text
 
 
-def streaming_load(server, threads: int, requests_per_thread: int, max_tokens: int) -> list[dict]:
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", timeout=300)
-
-    def worker(thread: int) -> list[dict]:
-        results = []
-        for index in range(requests_per_thread):
-            stream = client.chat.completions.create(
-                model="default", stream=True, max_tokens=max_tokens, temperature=0,
-                messages=[{"role": "user", "content": f"Thread {thread}, request {index}: write a poem."}],
-                extra_body={"ignore_eos": True}, stream_options={"include_usage": True},
-            )
-            tokens, finish = 0, None  # chunks may carry several tokens: count from the usage
-            for chunk in stream:
-                if chunk.choices:
-                    finish = chunk.choices[0].finish_reason or finish
-                if chunk.usage is not None:
-                    tokens = chunk.usage.completion_tokens
-            results.append({"tokens": tokens, "finish_reason": finish})
-        return results
-
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        return [r for rs in pool.map(worker, range(threads)) for r in rs]
-
-
 def post_admin(server, path: str, body: dict | None = None) -> dict:
     response = requests.post(server.url + path, json=body or {}, timeout=60)
     assert response.status_code == 200, response.text
     return response.json()
 
 
-def wait_idle(server, timeout_s: float = 300) -> dict:
+def chat(server, index: int, max_tokens: int) -> dict:
+    response = requests.post(server.url + "/v1/chat/completions", timeout=300, json={
+        "model": "default", "messages": [{"role": "user", "content": f"Request {index}: write a poem."}],
+        "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+    })
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def wait_idle(server, timeout_s: float = 600) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         current = status(server)
@@ -86,100 +75,127 @@ def wait_idle(server, timeout_s: float = 300) -> dict:
     raise AssertionError(f"training did not finish: {current['schedulers'][0]['training']}")
 
 
-def test_training_progresses_under_load_with_decode_steps_within_the_target(server):
-    post_admin(server, "/v1/alchemist/pause")
-    submit_backlog(server, 40)
-    before = status(server)["schedulers"][0]
-    post_admin(server, "/v1/alchemist/resume")
-    results = streaming_load(server, threads=6, requests_per_thread=3, max_tokens=96)
-    after = status(server)["schedulers"][0]
-    assert all(r["finish_reason"] == "length" and r["tokens"] == 96 for r in results), results
-    controller = after["scheduler"]
-    assert controller["decode_steps"] > 200
-    assert controller["slo_attainment"] >= 0.95, controller
-    # every streamed request's time to first token was counted, training delay included
-    assert controller["first_tokens"] - before["scheduler"]["first_tokens"] == len(results)
-    assert controller["ttft_attainment"] >= 0.95 and controller["worst_ttft_ms"] > 0, controller
-    slices_while_decoding = controller["slices_by_grant"].get("decode_slack", 0) - \
-        before["scheduler"]["slices_by_grant"].get("decode_slack", 0)
-    assert slices_while_decoding > 0, json.dumps(after)  # training ran between decode batches
-    assert after["training"]["optimizer_steps"] > before["training"]["optimizer_steps"], (before, after)
-    assert after["internal_errors"] == 0
-    wait_idle(server)
-
-
-def test_training_waits_under_load_when_the_target_is_too_tight_and_resumes_when_idle(server):
-    wait_idle(server)
+def test_training_progresses_while_requests_are_served_back_to_back(server):
     post_admin(server, "/v1/alchemist/pause")
     submit_backlog(server, 12)
-    post_admin(server, "/v1/alchemist/slo", {"tpot_slo_ms": 0.01})  # below any decode step
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        load = pool.submit(streaming_load, server, 6, 2, 128)
-        time.sleep(2.0)  # the load is running
-        post_admin(server, "/v1/alchemist/resume")
-        during = status(server)["schedulers"][0]
-        results = load.result()
-    ended = status(server)["schedulers"][0]
-    assert all(r["finish_reason"] == "length" for r in results)
-    assert ended["training"]["optimizer_steps"] == during["training"]["optimizer_steps"]  # waited
-    assert ended["training"]["slices_run"] == during["training"]["slices_run"]  # not one slice
-    assert ended["scheduler"]["slices_by_grant"].get("decode_slack", 0) == \
-        during["scheduler"]["slices_by_grant"].get("decode_slack", 0)
-    finished = wait_idle(server)["schedulers"][0]  # idle now: training resumes and drains
-    assert finished["training"]["optimizer_steps"] >= ended["training"]["optimizer_steps"] + 3
-    assert finished["scheduler"]["slices_by_grant"]["idle"] > ended["scheduler"]["slices_by_grant"].get("idle", 0)
+    before = status(server)["schedulers"][0]
+    post_admin(server, "/v1/alchemist/resume")
+    replies = [chat(server, index, max_tokens=48) for index in range(10)]  # one at a time, no pause
+    during = status(server)["schedulers"][0]
+    assert all(reply["usage"]["completion_tokens"] == 48 for reply in replies)
+    assert during["training"]["optimizer_steps"] > before["training"]["optimizer_steps"], during["training"]
+    controller = during["scheduler"]
+    assert controller["slices_by_grant"].get("decode", 0) > before["scheduler"]["slices_by_grant"].get("decode", 0)
+    assert controller["first_tokens"] - before["scheduler"]["first_tokens"] == len(replies)
+    assert controller["decode_steps"] > before["scheduler"]["decode_steps"]
+    # the cost model learned every kind of slice it ran, and reports how well it predicts them
+    model = controller["cost_model"]
+    for kind in ("prompt_forward", "target_forward", "head", "target_backward", "replay_backward", "optimizer"):
+        assert model[kind]["slices"] > 0 and model[kind]["ms_per_row"] > 0, (kind, model)
+        # a slice's error is measured against the prediction made from the slices before it
+        assert (model[kind]["prediction_error"] is not None) == (model[kind]["slices"] >= 2), (kind, model)
+    assert during["internal_errors"] == 0 and during["training"]["thread_alive"]
+    assert during["training"]["thread_errors"] == 0
+    finished = wait_idle(server)["schedulers"][0]
+    assert finished["journal"]["queued"] == 0 and finished["journal"]["trained"] >= 12
+
+
+def test_paused_training_runs_no_slice_and_resumes_on_an_idle_engine(server):
+    wait_idle(server)
+    post_admin(server, "/v1/alchemist/pause")
+    submit_backlog(server, 2)
+    paused = status(server)["schedulers"][0]
+    time.sleep(2.0)
+    still = status(server)["schedulers"][0]
+    assert still["training"]["slices_run"] == paused["training"]["slices_run"]
+    post_admin(server, "/v1/alchemist/resume")
+    finished = wait_idle(server)["schedulers"][0]
+    assert finished["training"]["optimizer_steps"] > still["training"]["optimizer_steps"]
+    assert finished["scheduler"]["slices_by_grant"]["idle"] > still["scheduler"]["slices_by_grant"].get("idle", 0)
+
+
+def test_bad_slo_values_are_refused_with_the_flags_own_messages(server):
+    response = requests.post(server.url + "/v1/alchemist/slo", json={"train_share": 1.5}, timeout=60)
+    message = response.json()["error"]["message"]
+    assert response.status_code == 400 and "--alchemist-train-share" in message and "(0, 1]" in message
+    response = requests.post(server.url + "/v1/alchemist/slo", json={"tpot_slo_ms": "fast"}, timeout=60)
+    assert response.status_code == 400 and "tpot_slo_ms" in response.json()["error"]["message"]
+    response = requests.post(server.url + "/v1/alchemist/slo", json={"tpot_ms": 5}, timeout=60)
+    assert response.status_code == 400 and "unknown field" in response.json()["error"]["message"]
+    changed = post_admin(server, "/v1/alchemist/slo", {"tpot_slo_ms": 120})
+    assert changed["tpot_slo_ms"] == 120
     post_admin(server, "/v1/alchemist/slo", {"tpot_slo_ms": TPOT_TARGET_MS})
 
 
-def test_bad_slo_values_are_refused(server):
-    response = requests.post(server.url + "/v1/alchemist/slo", json={"train_share": 1.5}, timeout=60)
-    assert response.status_code == 400 and "train_share" in response.json()["error"]["message"]
-    response = requests.post(server.url + "/v1/alchemist/slo", json={"tpot_ms": 5}, timeout=60)
-    assert response.status_code == 400 and "unknown field" in response.json()["error"]["message"]
+# --- the controller's rules, without a server ------------------------------------------------
+
+
+def controller(share: float = 0.5, tpot_s: float = 0.150, ttft_s: float = 2.0) -> SloController:
+    return SloController(tpot_s, ttft_s, share, SliceCostModel(attention_context=1000.0, seed_rate=1e-4))
+
+
+def test_training_holds_while_a_prefill_waits_or_runs():
+    slo = controller()
+    slo.note_queues(running=2, waiting=1)
+    assert slo.grant(has_work=True, paused=False).reason == "waiting_prefill"
+    slo.note_queues(running=2, waiting=0)
+    slo.prefill_running = True
+    grant = slo.grant(has_work=True, paused=False)
+    assert grant.reason == "waiting_prefill" and grant.budget_s == 0
+    slo.prefill_running = False
+    grant = slo.grant(has_work=True, paused=False)
+    assert grant.reason == "decode" and grant.max_slice_s == pytest.approx(SLICE_FRACTION * 0.150)
+    slo.note_queues(running=2, waiting=3)
+    assert not slo.still_granted(grant)  # a slice boundary stops the grant as soon as a request waits
+    assert slo.grant(has_work=True, paused=True).reason == "paused"
+    assert slo.grant(has_work=False, paused=False).reason == "no_work"
+
+
+def test_an_idle_grant_cuts_slices_to_a_fraction_of_the_ttft_target():
+    slo = controller(ttft_s=0.8)
+    slo.note_queues(running=0, waiting=0)
+    grant = slo.grant(has_work=True, paused=False)
+    assert grant.reason == "idle" and grant.max_slice_s == pytest.approx(IDLE_SLICE_FRACTION * 0.8)
+    slo.on_first_token(0.1)
+    slo.on_first_token(6.0)
+    assert slo.status()["ttft_attainment"] == 0.5 and slo.status()["worst_ttft_ms"] == 6000
 
 
 @pytest.mark.parametrize("share", [0.2, 0.5])
-def test_share_credit_lets_a_slice_longer_than_a_decode_step_run_and_bounds_the_training_share(share):
-    controller = SloController(tpot_slo_s=0.150, ttft_slo_s=2.0, train_share=share, seconds_per_token_layer=1e-4)
-    decode_s, slice_s, clock = 0.021, 0.047, 0.0  # one slice takes two decode steps and more
-    training = serving = 0.0
-    for _ in range(200):
-        controller.on_batch(is_decode=True, started=clock, seconds=decode_s)
-        clock += decode_s
-        serving += decode_s
-        grant = controller.grant(has_work=True, paused=False, running=1, waiting=0)
-        assert grant.reason == "decode_slack" and grant.budget_s <= 0.150 * 0.9 - decode_s + 1e-9
-        if grant.budget_s >= slice_s:
-            controller.observe_slice(tokens=470, seconds=slice_s)
-            clock += slice_s
-            training += slice_s
-    assert training > 0
-    assert training <= share / (1 - share) * serving + 0.150  # the share, plus at most one target of credit
-    assert training >= share / (1 - share) * serving - 0.150 - slice_s  # and the credit is used
-
-
-def test_an_idle_training_pass_is_bounded_by_half_the_ttft_target():
-    controller = SloController(tpot_slo_s=0.150, ttft_slo_s=0.2, train_share=0.5, seconds_per_token_layer=1e-4)
-    controller._last_batch_end = float("-inf")  # long idle
-    grant = controller.grant(has_work=True, paused=False, running=0, waiting=0)
-    assert grant.reason == "idle" and grant.budget_s == pytest.approx(0.1)
-    controller.set_targets(ttft_slo_s=5.0)
-    assert controller.grant(has_work=True, paused=False, running=0, waiting=0).budget_s == pytest.approx(0.25)
-    assert controller.grant(has_work=True, paused=False, running=0, waiting=2).reason == "waiting_prefill"
-    controller.on_first_token(0.1)
-    controller.on_first_token(6.0)
-    assert controller.status()["ttft_attainment"] == 0.5 and controller.status()["worst_ttft_ms"] == 6000
-
-
-def test_interleaved_prefill_that_fills_the_tpot_target_leaves_training_nothing():
-    controller = SloController(tpot_slo_s=0.150, ttft_slo_s=2.0, train_share=1.0, seconds_per_token_layer=1e-4)
+def test_the_decode_duty_cycle_follows_the_measured_tpot_and_never_exceeds_the_share(share):
+    slo = controller(share=share)
+    slo.note_queues(running=1, waiting=0)
     clock = 0.0
-    for _ in range(30):  # a loaded engine: a 100 ms prefill between every two 40 ms decode steps
-        controller.on_batch(is_decode=False, started=clock, seconds=0.100)
-        controller.on_batch(is_decode=True, started=clock + 0.100, seconds=0.040)
+    for _ in range(40):  # decode steps well within the target: the duty grows to the share, no further
+        slo.on_batch(is_decode=True, started=clock, seconds=0.05)
+        clock += 0.05
+    assert slo.duty == pytest.approx(share)
+    grant = slo.grant(has_work=True, paused=False)
+    assert grant.budget_s + grant.rest_s == pytest.approx(0.1) and grant.budget_s == pytest.approx(share * 0.1)
+    for _ in range(10):  # training slows decoding past the target: the duty drops fast
+        slo.on_batch(is_decode=True, started=clock, seconds=0.2)
+        clock += 0.2
+    assert slo.duty == MIN_DUTY
+    assert slo.status()["slo_attainment"] < 1.0
+
+
+def test_prefill_between_decode_steps_is_not_counted_as_time_per_output_token():
+    slo = controller()
+    clock = 0.0
+    for _ in range(20):  # a 100 ms prefill between every two 40 ms decode steps
+        slo.on_batch(is_decode=False, started=clock, seconds=0.100)
+        slo.on_batch(is_decode=True, started=clock + 0.100, seconds=0.040)
         clock += 0.140
-    assert controller.grant(has_work=True, paused=False, running=4, waiting=0).budget_s == 0.0
-    for _ in range(30):  # the arrivals stop: decode steps alone leave slack again
-        controller.on_batch(is_decode=True, started=clock, seconds=0.040)
-        clock += 0.040
-    assert controller.grant(has_work=True, paused=False, running=4, waiting=0).budget_s > 0.08
+    assert slo.status()["slo_attainment"] == 1.0 and slo.status()["recent_tpot_p50_ms"] == pytest.approx(40)
+
+
+def test_the_cost_model_learns_each_kind_and_sizes_slices_to_fit():
+    model = SliceCostModel(attention_context=1000.0, seed_rate=1e-3)
+    for rows in (16, 64, 32, 128, 8, 96) * 3:  # true cost: 2 ms + 0.1 ms per row, keys negligible
+        model.observe("replay_backward", rows, 10, 0.002 + 0.0001 * rows)
+    assert model.predict("replay_backward", 50, 10) == pytest.approx(0.007, rel=0.05)
+    assert model.rows_for("replay_backward", 0.012, 10, total=1000) == pytest.approx(100, abs=3)
+    assert model.rows_for("replay_backward", 0.012, 10, total=40) == 40
+    status = model.status()["replay_backward"]
+    assert status["slices"] == 18 and status["prediction_error"] < 0.5
+    assert model.rows_for("target_forward", 0.0001, 0, total=500) >= 8  # a slice is never all overhead

@@ -169,7 +169,7 @@ def test_slices_leave_the_callers_grad_mode_alone_between_yields(setup):
         for _ in generator:
             slices += 1
             assert not torch.is_grad_enabled()  # serving between two slices sees its own mode
-    assert slices == 2 * model.geometry.num_layers + 1
+    assert slices == 3 * model.geometry.num_layers + 1  # per layer: target forward, target and replay backward
     ours = adapter.peft_grad_dict()
     assert_close_per_tensor(ours, reference_gradients(peft, [(PROMPT, TARGET)]))
 
@@ -186,3 +186,43 @@ def test_saved_tensor_meter_counts_activations_and_not_the_weights_autograd_refe
     with SavedTensorMeter(exclude=storages_of([weight], {"a": lora_a})) as activations:
         ((x @ weight.T).sum() + (x @ lora_a.T).sum()).backward()
     assert activations.peak_bytes == x.numel() * 4  # x, saved once for lora_a's gradient
+
+
+class _Rows:
+    """A planner that cuts every slice to ``rows`` rows (the scheduler's cost model does this)."""
+
+    def __init__(self, rows: int) -> None:
+        self.size = rows
+
+    def rows(self, kind, layer, total, context):
+        return self.size
+
+
+@pytest.mark.parametrize("rows", [1, 7])
+@pytest.mark.parametrize("replay", [True, False], ids=["replay", "recompute"])
+def test_slices_cut_by_rows_give_the_same_gradients(setup, replay, rows):
+    _, model, adapter, peft, _ = setup
+    adapter.zero_grad()
+    activations = record_prompt(model, adapter, PROMPT) if replay else None
+    with torch.no_grad():  # as in the training thread
+        result = run_to_completion(sample_step(model, adapter, Example(PROMPT, TARGET, activations=activations),
+                                               1.0 / len(TARGET), planner=_Rows(rows)))
+    assert max(info.rows for info in result.slices) <= rows
+    assert_close_per_tensor(adapter.peft_grad_dict(), reference_gradients(peft, [(PROMPT, TARGET)]))
+
+
+@pytest.mark.parametrize("holes", [[(0, 4)], [(10, 22)], [(30, 35)], [(3, 9), (20, 28)]],
+                         ids=["first-rows", "middle", "last-rows", "two-holes"])
+def test_prompt_rows_missing_from_the_record_are_computed_and_the_rest_replayed_exactly(setup, holes):
+    """Holes: an earlier response of a conversation (decode records nothing), evicted rows."""
+    _, model, adapter, peft, _ = setup
+    adapter.zero_grad()
+    activations = record_prompt(model, adapter, PROMPT)
+    for start, end in holes:
+        activations.forget_rows(start, end)
+    result = run_to_completion(sample_step(model, adapter, Example(PROMPT, TARGET, activations=activations),
+                                           1.0 / len(TARGET), planner=_Rows(5)))
+    missing = sum(end - start for start, end in holes)
+    assert (result.rows_replayed, result.rows_filled) == (len(PROMPT) - missing, missing)
+    assert result.path == "replay"
+    assert_close_per_tensor(adapter.peft_grad_dict(), reference_gradients(peft, [(PROMPT, TARGET)]))

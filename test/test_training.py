@@ -39,7 +39,7 @@ def server(launch_server, tiny_model_dir, tmp_path_factory):
         "--chunked-prefill-size", str(CHUNK),
         "--alchemist-record", "all", "--alchemist-debug-endpoints",
         "--alchemist-lr", "0.02", "--alchemist-lora-rank", "4", "--alchemist-lora-alpha", "8",
-        "--alchemist-batch-samples", "1", "--alchemist-publish-every", "1", "--alchemist-max-staleness", "0",
+        "--alchemist-publish-every", "1", "--alchemist-max-staleness", "0",
     )
     server = launch_server(args, name="training")
     yield server
@@ -135,13 +135,41 @@ def test_sample_partly_on_host_is_recomputed_or_reloaded_with_exact_gradients(se
             "target_ids": tokenizer.encode("Tokens flow like streams.")}
     reference = peft_gradients(tiny_model_dir, checkpoint, [item])
     ours, result = server_gradients(server, [item], hedge="recompute")
-    assert result["paths"][0] == {"path": "replay", "replay_blocker": None, "layers_recomputed": 1,
-                                  "layers_reloaded": 0}
+    path = result["paths"][0]
+    assert (path["path"], path["replay_blocker"], path["layers_recomputed"], path["layers_reloaded"]) == \
+        ("replay", None, 1, 0)
     assert result["hedge"]["recompute"] == 1
     assert_gradients_match(ours, reference)
     ours, result = server_gradients(server, [item], hedge="reload")
     assert result["paths"][0]["layers_reloaded"] == 1 and result["paths"][0]["layers_recomputed"] == 0
     assert_gradients_match(ours, reference)
+
+
+@pytest.mark.parametrize("turns", [2, 3])
+def test_a_conversation_replays_its_recorded_turns_and_computes_only_the_earlier_answers(
+        server, tokenizer, tiny_model_dir, version_one, turns):
+    """Decode records nothing: in turn N the earlier answers are holes between recorded rows."""
+    checkpoint, _ = version_one
+    prompt = chat_prompt_ids(tokenizer, "Name a colour.")
+    answers = 0
+    for turn in range(turns):
+        output = generate(server, prompt, max_new_tokens=6)
+        if turn == turns - 1:
+            break
+        answer = output["output_ids"]
+        answers += len(answer) - 1  # the last generated token is prefilled by the next turn (recorded)
+        prompt = prompt + answer + tokenizer(f"<|im_end|>\n<|im_start|>user\nAnd {turn}?<|im_end|>\n"
+                                             "<|im_start|>assistant\n")["input_ids"]
+    assert output["meta_info"]["cached_tokens"] >= len(prompt) - 30  # the earlier turns came from the cache
+    record = requests.get(f"{server.url}/v1/alchemist/debug/record/{output['meta_info']['id']}", timeout=60).json()
+    assert len(record["segments"]) == turns and record["rows_recorded"] == len(prompt) - answers, record
+    item = {"completion_id": output["meta_info"]["id"], "prompt_ids": prompt,
+            "target_ids": tokenizer.encode("Green, then blue.") + [tokenizer.eos_token_id]}
+    ours, result = server_gradients(server, [item])
+    path = result["paths"][0]
+    assert path["path"] == "replay" and path["rows_recomputed"] == answers
+    assert path["rows_replayed"] == len(prompt) - answers
+    assert_gradients_match(ours, peft_gradients(tiny_model_dir, checkpoint, [item]))
 
 
 def test_a_stale_sample_is_recomputed_and_counted(server, tokenizer, version_one):
@@ -163,10 +191,11 @@ def test_loss_falls_and_the_served_output_becomes_the_correction(server, tokeniz
     while outputs[-1]["choices"][0]["message"]["content"] != answer and len(losses) < 20:
         feedback(server, outputs[-1]["id"], answer)
         trained = wait_until_trained(server, served_version=status(server)["serving"]["served_version"] + 1)
-        losses.append(trained["schedulers"][0]["training"]["recent_loss"])
+        losses.append(trained["schedulers"][0]["training"]["last_update"]["losses"])  # one per pass
         outputs.append(chat(server, question, max_tokens=24))
     assert outputs[0]["choices"][0]["message"]["content"] != answer
     assert outputs[-1]["choices"][0]["message"]["content"] == answer, [o["choices"][0]["message"]["content"]
                                                                       for o in outputs]
-    assert losses[-1] < losses[0] / 2, losses
+    assert all(len(passes) > 1 and passes[-1] < passes[0] for passes in losses), losses  # each update learns
+    assert losses[-1][-1] < losses[0][0] / 2, losses
     assert outputs[-1]["metadata"]["alchemist_adapter_version"] == status(server)["serving"]["served_version"]

@@ -73,6 +73,33 @@ def _target_modules(value: list[str]) -> str | None:
     return None
 
 
+def _non_empty_key(value: str) -> str | None:
+    # An empty --alchemist-admin-key (e.g. "$ADMIN_KEY" with the variable unset) would leave the
+    # admin endpoints open while the user believes them protected.
+    return None if isinstance(value, str) and value.strip() else "a non-empty key (or leave the flag out)"
+
+
+def _gate_threshold(value: int) -> str | None:
+    return None if value >= -1 else "an integer >= 0, or -1 (gate off)"
+
+
+def _readable_guard_file(value: str) -> str | None:
+    from sglang_alchemist.training.guard import load_user_probes
+
+    try:
+        load_user_probes(value)
+    except OSError as error:
+        return f"a readable JSON-lines probe file ({error.strerror or error})"
+    except ValueError as error:
+        return f"a JSON-lines probe file ({error})"
+    return None
+
+
+def _host_port(value: str) -> str | None:
+    host, _, port = value.rpartition(":")
+    return None if host and port.isdigit() and 0 < int(port) < 65536 else "host:port (a port between 1 and 65535)"
+
+
 def _parse_target_modules(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if names == ["all"]:
@@ -88,8 +115,10 @@ def _flag(
     choices: tuple[str, ...] | None = None,
     parse: Callable[[str], Any] | None = None,
     metavar: str | None = None,
+    allowed: str | None = None,
 ) -> Any:
-    metadata = {"help": help, "check": check, "choices": choices, "parse": parse, "metavar": metavar}
+    metadata = {"help": help, "check": check, "choices": choices, "parse": parse, "metavar": metavar,
+                "allowed": allowed}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -145,19 +174,72 @@ class AlchemistConfig:
         parse=_parse_target_modules,
         metavar="MODULES",
     )
-    lr: float = _flag(3e-4, "AdamW learning rate of the LoRA adapter.", check=_positive)
+    lr: float = _flag(1e-3, "AdamW learning rate of the LoRA adapter.", check=_positive)
     weight_decay: float = _flag(0.0, "AdamW weight decay of the LoRA adapter.", check=_non_negative)
     grad_clip: float = _flag(
         1.0, "Global gradient-norm clip per optimizer step (0 disables clipping).", check=_non_negative
     )
-    batch_samples: int = _flag(
-        1,
-        "Feedback samples per optimizer step (1: every feedback is its own update, which is what lets a "
-        "few corrections teach a fact; larger batches average more feedback per step).",
+    passes: int = _flag(
+        4,
+        "Optimizer steps one feedback trains (its update): what lets a single correction teach a fact. "
+        "Each step mixes in earlier feedback and guard rehearsal (see --alchemist-replay-feedback, "
+        "--alchemist-rehearsal).",
         check=_positive_int,
     )
+    pass_stop_loss: float = _flag(
+        0.05,
+        "An update stops before --alchemist-passes steps once the feedback's own loss per token is below "
+        "this (an accepted answer the model already gives needs one step); 0 always runs every pass.",
+        check=_non_negative,
+    )
+    replay_feedback: int = _flag(
+        4,
+        "Earlier feedback items mixed into every optimizer step (experience replay: later feedback does "
+        "not wipe out what earlier feedback taught).",
+        check=_non_negative_int,
+    )
+    rehearsal: int = _flag(
+        2,
+        "Guard prompts, answered by the base model, mixed into every optimizer step: the nearest ones to "
+        "the feedback, so neighbouring knowledge is kept (0 turns rehearsal off).",
+        check=_non_negative_int,
+    )
+    preserve_energy: float = _flag(
+        0.0,
+        "Knowledge-preserving updates: after every optimizer step the LoRA A matrices are projected off "
+        "the input directions holding this share of the energy of what the guard's general questions "
+        "feed each projection (0: off).",
+        check=_unit_interval,
+    )
+    gate_max_regressions: int = _flag(
+        0,
+        "Publish gate: a candidate version is rejected (not served; its feedback journaled as rejected) "
+        "when more than this many guard probes regress; -1 turns the gate off.",
+        check=_gate_threshold,
+        allowed="an integer >= 0, or -1 (gate off)",
+    )
+    gate_repairs: int = _flag(
+        2,
+        "Publish gate: repair rounds before a regressed candidate is rejected; each rehearses the "
+        "regressed probes (with the feedback) for two more optimizer steps, then checks again "
+        "(corrections and rejects; a regressing accept is refused at once).",
+        check=_non_negative_int,
+    )
+    gate_probes: int = _flag(
+        8, "Publish gate: guard questions with known answers nearest to the feedback, checked before "
+        "publishing where the base model answers them right (plus every --alchemist-guard-file probe).",
+        check=_positive_int,
+    )
+    guard_file: str | None = _flag(
+        None,
+        "JSON lines of probes the publish gate checks before every version: "
+        '{"prompt": "...", "expected": "..."} or {"messages": [...], "expected": "..."}.',
+        check=_readable_guard_file,
+        metavar="PATH",
+        allowed="a readable JSON-lines file of probes",
+    )
     publish_every: int = _flag(
-        1, "Optimizer steps between published adapter versions.", check=_positive_int
+        1, "Feedback updates between published adapter versions.", check=_positive_int
     )
     max_staleness: int = _flag(
         8,
@@ -191,12 +273,47 @@ class AlchemistConfig:
         check=_positive_int,
     )
     admin_key: str | None = _flag(
-        None, "Bearer key required by the /v1/alchemist/* admin endpoints (unset: open).", metavar="KEY"
+        None,
+        "Bearer key required by the /v1/alchemist/* admin endpoints (unset, and no key file or "
+        "SGLANG_ALCHEMIST_ADMIN_KEY: open). On the command line every local user can read it: "
+        "prefer --alchemist-admin-key-file or SGLANG_ALCHEMIST_ADMIN_KEY.",
+        check=_non_empty_key,
+        metavar="KEY",
+    )
+    admin_key_file: str | None = _flag(
+        None,
+        "File whose content (stripped) is the admin key; used when --alchemist-admin-key is not "
+        "given, and itself wins over the environment variable SGLANG_ALCHEMIST_ADMIN_KEY.",
+        metavar="PATH",
     )
     debug_endpoints: bool = _flag(
         False,
         "Enable /v1/alchemist/debug/* (dump a sample's recorded tensors, compute its LoRA gradients) "
         "for tests and investigations; never on a production server.",
+    )
+    # Replicas (``python -m sglang_alchemist.launch_cluster`` sets these for each replica).
+    cluster_size: int = _flag(
+        1,
+        "Replicas training one adapter lineage in lockstep (gradients averaged over a gloo group every "
+        "optimizer step); 1: a single server.",
+        check=_positive_int,
+    )
+    cluster_rank: int = _flag(
+        0, "This replica's rank in the cluster (0 .. --alchemist-cluster-size - 1).", check=_non_negative_int,
+    )
+    cluster_addr: str | None = _flag(
+        None,
+        "host:port of the cluster's TCPStore (the launch_cluster launcher hosts it; without a launcher, "
+        "rank 0 hosts it when nothing listens there). Required when --alchemist-cluster-size > 1.",
+        check=_host_port,
+        metavar="HOST:PORT",
+        allowed="host:port",
+    )
+    cluster_timeout_s: float = _flag(
+        300.0,
+        "Seconds a replica waits in one collective (a peer's optimizer step, or its joining) before the "
+        "round is abandoned and the cluster re-forms.",
+        check=_positive,
     )
 
     def __post_init__(self) -> None:
@@ -205,7 +322,11 @@ class AlchemistConfig:
     # --- transport to the other SGLang processes -------------------------------------------
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True)
+        # Every SGLang process inherits this JSON; the admin key stays in the HTTP process
+        # (sglang_alchemist.admin_key), so it is never part of it.
+        values = asdict(self)
+        values["admin_key"] = None
+        return json.dumps(values, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> AlchemistConfig:
@@ -215,9 +336,10 @@ class AlchemistConfig:
         os.environ[CONFIG_ENV_VAR] = self.to_json()
 
     def public_dict(self) -> dict[str, Any]:
-        """The config for status pages: the admin key is never echoed back."""
+        """The config for status pages: the admin key is never echoed back (nor held here:
+        the HTTP process, which alone holds it, reports whether one is set)."""
         values = asdict(self)
-        values["admin_key"] = "<set>" if self.admin_key else None
+        del values["admin_key"]
         return values
 
 
@@ -232,6 +354,15 @@ def flag_name(field_name: str) -> str:
 
 
 def validate(config: AlchemistConfig) -> None:
+    _validate_fields(config)
+    if config.cluster_rank >= config.cluster_size:
+        raise ConfigError(f"--alchemist-cluster-rank: invalid value {config.cluster_rank!r}; allowed: an integer "
+                          f"below --alchemist-cluster-size ({config.cluster_size})")
+    if config.cluster_size > 1 and not config.cluster_addr:
+        raise ConfigError("--alchemist-cluster-addr: required when --alchemist-cluster-size > 1; allowed: host:port")
+
+
+def _validate_fields(config: AlchemistConfig) -> None:
     for spec in fields(config):
         value = getattr(config, spec.name)
         choices = spec.metadata["choices"]

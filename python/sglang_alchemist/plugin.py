@@ -12,8 +12,16 @@ HTTP process
   (``api/adapters.py``);
 - AFTER ``build_endpoint_weight_version_metadata``: a response's ``metadata`` says which
   adapter version produced it;
+- AROUND ``OpenAIServingChat._handle_streaming_request`` and
+  ``OpenAIServingCompletion._handle_streaming_request``: streaming responses carry the adapter
+  version too (``X-Alchemist-Adapter-Version`` header, ``metadata`` of each finishing chunk;
+  ``api/streaming.py``);
+- AFTER ``add_prometheus_middleware`` (only runs with ``--enable-metrics``): the training
+  metrics also on SGLang's own ``/metrics`` (``api/metrics.py``);
 - AROUND ``http_server._wait_and_warmup``: before SGLang's warm-up marks the server healthy,
-  load and serve the adapter version the scheduler restored from the state directory.
+  load and serve the adapter version the scheduler restored from the state directory; once
+  ready, log what is recorded, where the state lives and which version is served (and a
+  warning when the admin endpoints are open on a non-loopback host).
 
 Scheduler process
 - REPLACE ``Scheduler`` with ``AlchemistScheduler``;
@@ -73,10 +81,12 @@ def _register_http_process(config: AlchemistConfig) -> None:
     from sglang.srt.entrypoints.http_server import app
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
+    from sglang_alchemist.admin_key import held_admin_key, open_admin_warning
     from sglang_alchemist.api.control_channel import install_control_channel
     from sglang_alchemist.api.routes import INTERNAL_HEADER, AlchemistApi
+    from sglang_alchemist.api.streaming import annotate_streaming_response
 
-    api = AlchemistApi(config)
+    api = AlchemistApi(config, admin_key=held_admin_key(config))
     api.register(app)
 
     def after_init_communicators(result, tokenizer_manager, *args, **kwargs):
@@ -95,9 +105,22 @@ def _register_http_process(config: AlchemistConfig) -> None:
             metadata["alchemist_adapter_version"] = version
         return metadata
 
+    async def around_streaming(original, serving, adapted_request, *args, **kwargs):
+        response = await original(serving, adapted_request, *args, **kwargs)
+        return annotate_streaming_response(response, api.router, adapted_request)
+
+    def after_add_prometheus_middleware(result, fastapi_app, *args, **kwargs):
+        api.install_sglang_metrics(fastapi_app)  # called in SGLang's lifespan, on the server's loop
+        return result
+
     def around_wait_and_warmup(original, server_args, *args, **kwargs):
         _restore_served_version(server_args, api.internal_token, INTERNAL_HEADER)
-        return original(server_args, *args, **kwargs)
+        result = original(server_args, *args, **kwargs)
+        warning = open_admin_warning(server_args.host, api.admin_key)
+        if warning:
+            logger.warning(warning)
+        logger.info(api.startup_summary())
+        return result
 
     register_hook = HookRegistry.register
     register_hook("sglang.srt.managers.tokenizer_control_mixin.TokenizerControlMixin.init_communicators",
@@ -106,6 +129,12 @@ def _register_http_process(config: AlchemistConfig) -> None:
                   around_resolve_lora, HookType.AROUND)
     register_hook("sglang.srt.utils.weight_versions.build_endpoint_weight_version_metadata",
                   after_weight_version_metadata, HookType.AFTER)
+    register_hook("sglang.srt.entrypoints.openai.serving_chat.OpenAIServingChat._handle_streaming_request",
+                  around_streaming, HookType.AROUND)
+    register_hook("sglang.srt.entrypoints.openai.serving_completions.OpenAIServingCompletion."
+                  "_handle_streaming_request", around_streaming, HookType.AROUND)
+    register_hook("sglang.srt.utils.common.add_prometheus_middleware", after_add_prometheus_middleware,
+                  HookType.AFTER)
     register_hook("sglang.srt.entrypoints.http_server._wait_and_warmup", around_wait_and_warmup, HookType.AROUND)
 
 

@@ -13,14 +13,19 @@
 | ``GET /v1/alchemist/metrics`` | admin | Prometheus text format |
 | ``/v1/alchemist/debug/*`` | admin | only with ``--alchemist-debug-endpoints`` (tests) |
 
-Admin routes need ``--alchemist-admin-key`` when it is set, as ``Authorization: Bearer <key>``
-or, when SGLang's ``--api-key`` already occupies that header, ``X-Alchemist-Admin-Key: <key>``.
+Admin routes need the admin key when one is set (``--alchemist-admin-key``, its file or
+``SGLANG_ALCHEMIST_ADMIN_KEY``: ``admin_key.py``), as ``Authorization: Bearer <key>`` or, when
+SGLang's ``--api-key`` already occupies that header, ``X-Alchemist-Admin-Key: <key>``; keys are
+compared as UTF-8 bytes in constant time (any header value gets a 401, never a 500).
 Handlers are thin: validate HTTP input, call the scheduler over the control channel, shape
 the reply. Anything that needs the model or the trainer happens in the scheduler process.
+Every handler is :func:`~sglang_alchemist.api.errors.guarded`: an unexpected exception is
+logged with its traceback and answered with a 500 in the OpenAI error format.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import secrets
@@ -33,9 +38,14 @@ from fastapi.responses import ORJSONResponse, PlainTextResponse
 from sglang_alchemist import __version__
 from sglang_alchemist.api.adapters import AdapterRouter
 from sglang_alchemist.api.control_channel import SchedulerUnavailable
-from sglang_alchemist.api.errors import openai_error
+from sglang_alchemist.api.errors import guarded, openai_error
 from sglang_alchemist.api.feedback import FeedbackService, feedback_route
-from sglang_alchemist.api.metrics import prometheus_text
+from sglang_alchemist.api.metrics import (
+    REFRESH_INTERVAL_S,
+    LiveMetrics,
+    install_on_sglang_metrics,
+    prometheus_text,
+)
 from sglang_alchemist.config import AlchemistConfig
 from sglang_alchemist.feedback.journal import Journal, journal_path
 
@@ -66,10 +76,38 @@ async def call_schedulers(op: str, payload: dict[str, Any] | None = None) -> lis
     return [reply.payload for reply in replies]
 
 
+def _same_key(offered: str, key: str) -> bool:
+    """Constant-time comparison of a header value with a key, as bytes.
+
+    ``compare_digest`` on str raises TypeError for non-ASCII text (a 500 for any client sending
+    such a header). Starlette decodes header values as latin-1, so ``encode("latin-1")`` gives back
+    the bytes the client sent; the key is compared as UTF-8, so a non-ASCII key works when a
+    client sends it UTF-8 encoded.
+    """
+    try:
+        offered_bytes = offered.encode("latin-1")
+    except UnicodeEncodeError:  # not from a header
+        offered_bytes = offered.encode("utf-8", "surrogatepass")
+    return secrets.compare_digest(offered_bytes, key.encode("utf-8", "surrogatepass"))
+
+
+class _Routes:
+    """``app.get`` / ``app.post`` whose handlers are :func:`guarded` (an OpenAI-format 500)."""
+
+    def __init__(self, app: FastAPI) -> None:
+        self.app = app
+
+    def get(self, path: str):
+        return lambda handler: self.app.get(path)(guarded(f"GET {path}")(handler))
+
+    def post(self, path: str):
+        return lambda handler: self.app.post(path)(guarded(f"POST {path}")(handler))
+
+
 async def _json_object(request: Request) -> dict | ORJSONResponse:
     try:
         body = json.loads(await request.body())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # JSONDecodeError, UnicodeDecodeError, numbers too long
         return openai_error(400, "the body must be a JSON object")
     return body if isinstance(body, dict) else openai_error(400, "the body must be a JSON object")
 
@@ -77,28 +115,79 @@ async def _json_object(request: Request) -> dict | ORJSONResponse:
 class AlchemistApi:
     """State of the HTTP process: config, journal, adapter routing; installs the routes."""
 
-    def __init__(self, config: AlchemistConfig) -> None:
+    def __init__(self, config: AlchemistConfig, admin_key: str | None = None) -> None:
         self.config = config
+        self.admin_key = admin_key  # held by this process only (admin_key.py), never exported
         self.journal = Journal(journal_path(config.state_dir))
         self.router = AdapterRouter(Path(config.state_dir) / "adapters")
         self.feedback = FeedbackService(self.journal, config, call_schedulers)
         self.internal_token = secrets.token_hex(16)
+        self.live_metrics = LiveMetrics()
         self._tasks: set = set()
 
     # --- auth --------------------------------------------------------------------------------
 
     def admin_denied(self, request: Request) -> ORJSONResponse | None:
-        key = self.config.admin_key
+        key = self.admin_key
         if not key:
             return None
         offered = request.headers.get(ADMIN_HEADER)
         authorization = request.headers.get("authorization", "")
         if offered is None and authorization.lower().startswith("bearer "):
             offered = authorization[7:]
-        if offered is None or not secrets.compare_digest(offered, key):
-            return openai_error(401, "this endpoint needs the admin key (--alchemist-admin-key): send "
-                                     "'Authorization: Bearer <key>' or 'X-Alchemist-Admin-Key: <key>'")
+        if offered is None or not _same_key(offered, key):
+            return openai_error(401, "this endpoint needs the admin key (--alchemist-admin-key, its file or "
+                                     "SGLANG_ALCHEMIST_ADMIN_KEY): send 'Authorization: Bearer <key>' or "
+                                     "'X-Alchemist-Admin-Key: <key>'")
         return None
+
+    def public_config(self) -> dict[str, Any]:
+        """The HTTP process's config for status: whether an admin key is set, never the key."""
+        return {**self.config.public_dict(), "admin_key": "<set>" if self.admin_key else None}
+
+    def startup_summary(self) -> str:
+        """One line for the log once the server is ready: what is recorded, where, what is served."""
+        config = self.config
+        recorded = {
+            "all": "every request's prefill",
+            "sample": f"a random {config.record_sample_rate:.0%} of requests",
+            "opt-in": "only requests with custom_params.alchemist_record=true",
+            "none": "nothing (feedback trains by recomputation)",
+        }[config.record]
+        served = self.router.served_version
+        serving = f"adapter version {served} ({self.router.status()['served_adapter']})" if served else \
+            "adapter version 0 (the base model)"
+        admin = "admin endpoints need the admin key" if self.admin_key else "admin endpoints are open (no admin key)"
+        return (f"sglang_alchemist: ready: recording {recorded} (--alchemist-record {config.record}); state in "
+                f"{Path(config.state_dir).resolve()} (journal {journal_path(config.state_dir).name}, adapters/); "
+                f"serving {serving}; {admin}")
+
+    # --- SGLang's /metrics (--enable-metrics) -------------------------------------------------
+
+    def install_sglang_metrics(self, app: FastAPI) -> None:
+        """Add the training metrics to SGLang's /metrics; keep their snapshot fresh (runs in the loop)."""
+        if not install_on_sglang_metrics(app, self.live_metrics):
+            logger.warning("sglang_alchemist: SGLang's /metrics route was not found; the training "
+                           "metrics are on /v1/alchemist/metrics only")
+            return
+        task = asyncio.get_running_loop().create_task(self._refresh_metrics())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _refresh_metrics(self, interval_s: float = REFRESH_INTERVAL_S) -> None:
+        failures = 0
+        while True:
+            try:
+                replies = await call_schedulers("status")
+                if isinstance(replies, ORJSONResponse):
+                    raise RuntimeError(replies.body.decode())
+                self.live_metrics.update(replies, self.router.status())
+                failures = 0
+            except Exception as error:  # keep serving the last snapshot; its age says how stale
+                failures += 1
+                if failures == 1:
+                    logger.warning("sglang_alchemist: refreshing the training metrics failed: %s", error)
+            await asyncio.sleep(interval_s)
 
     # --- events from the scheduler ----------------------------------------------------------
 
@@ -121,7 +210,7 @@ class AlchemistApi:
         replies = await call_schedulers("versions")
         if isinstance(replies, ORJSONResponse):
             raise RuntimeError(replies.body.decode())
-        current = replies[0]["current"]
+        current = replies[0]["servable"]  # not "current": that one may not be marked trained yet
         path = None
         if current:
             path = str(next(v for v in replies[0]["versions"] if v["version"] == current)["path"])
@@ -130,10 +219,11 @@ class AlchemistApi:
 
     # --- routes ------------------------------------------------------------------------------
 
-    def register(self, app: FastAPI) -> None:
+    def register(self, fastapi_app: FastAPI) -> None:
         import sglang
 
         api = self
+        app = _Routes(fastapi_app)
 
         async def scheduler_op(request: Request, op: str, with_body: bool = False, payload: dict | None = None,
                                all_replies: bool = False):
@@ -166,7 +256,7 @@ class AlchemistApi:
                 "sglang_version": sglang.__version__,
                 "served_model_name": _tokenizer_manager().served_model_name,
                 "serving": api.router.status(),
-                "http_process": {"config": api.config.public_dict()},
+                "http_process": {"config": api.public_config()},
                 "schedulers": schedulers,
             }
 
@@ -220,6 +310,17 @@ class AlchemistApi:
                 return openai_error(404, f"no response with id {completion_id!r} was served by this process")
             return {"id": completion_id, "adapter_version": version}
 
+        @app.get("/v1/alchemist/feedback/{feedback_id}")
+        async def alchemist_feedback_record(request: Request, feedback_id: str):
+            """Where a feedback stands: queued, trained (in which version), rejected or dropped (why)."""
+            denied = api.admin_denied(request)
+            if denied is not None:
+                return denied
+            record = await asyncio.to_thread(api.journal.by_id, feedback_id)
+            if record is None:
+                return openai_error(404, f"no feedback with id {feedback_id!r}")
+            return {"object": "alchemist.feedback", **record.public()}
+
         @app.get("/v1/alchemist/metrics")
         async def alchemist_metrics(request: Request):
             schedulers = await scheduler_op(request, "status", all_replies=True)
@@ -230,14 +331,14 @@ class AlchemistApi:
 
         @app.post("/v1/alchemist/internal/sync")
         async def alchemist_internal_sync(request: Request):
-            if not secrets.compare_digest(request.headers.get(INTERNAL_HEADER, ""), api.internal_token):
+            if not _same_key(request.headers.get(INTERNAL_HEADER, ""), api.internal_token):
                 return openai_error(403, "internal endpoint")
             return await api.sync_served_version()
 
         if api.config.debug_endpoints:
             self._register_debug(app, scheduler_op)
 
-    def _register_debug(self, app: FastAPI, scheduler_op) -> None:
+    def _register_debug(self, app: _Routes, scheduler_op) -> None:
         @app.get("/v1/alchemist/debug/record/{completion_id}")
         async def alchemist_debug_record(request: Request, completion_id: str):
             """Dump a served response's recorded tensors to a file on the server."""

@@ -4,8 +4,9 @@ Every accepted feedback is committed here *before* its 202 is sent, with the tok
 to train it by recomputation, so nothing a user sent is lost to a crash. Both SGLang processes
 open the file: the HTTP process inserts records, the scheduler process moves them along::
 
-    queued --(its step is in a published version N)--> trained (trained_version = N)
-    queued --(cannot or must not be trained)---------> dropped (reason)
+    queued --(its update is in a published version N)--> trained (trained_version = N)
+    queued --(its update failed the publish gate)------> rejected (reason)
+    queued --(cannot or must not be trained)-----------> dropped (reason)
 
 A record becomes ``trained`` only when the version containing its update is checkpointed, so
 after a crash (even ``kill -9`` mid-step) every record not in a checkpoint is still
@@ -42,7 +43,7 @@ CREATE TABLE IF NOT EXISTS feedback (
 CREATE INDEX IF NOT EXISTS feedback_state ON feedback(state);
 """
 
-STATES = ("queued", "trained", "dropped")
+STATES = ("queued", "trained", "rejected", "dropped")
 
 
 @dataclass
@@ -60,6 +61,7 @@ class FeedbackRecord:
     trained_version: int | None = None
     reason: str | None = None
     created_at: float = 0.0
+    updated_at: float = 0.0
 
     def public(self) -> dict:
         return {
@@ -74,6 +76,7 @@ class FeedbackRecord:
             "prompt_tokens": len(self.prompt_ids),
             "target_tokens": len(self.target_ids),
             "created_at": self.created_at,
+            "updated_at": self.updated_at,
         }
 
 
@@ -111,15 +114,37 @@ class Journal:
         return self._one("SELECT * FROM feedback WHERE completion_id = ?", (completion_id,))
 
     def by_id(self, feedback_id: str) -> FeedbackRecord | None:
+        """One record (``GET /v1/alchemist/feedback/{id}``: where a user's feedback stands)."""
         return self._one("SELECT * FROM feedback WHERE feedback_id = ?", (feedback_id,))
 
-    def queued(self) -> list[FeedbackRecord]:
+    def queued(self, created_before: float | None = None) -> list[FeedbackRecord]:
+        query, args = "SELECT * FROM feedback WHERE state = 'queued'", ()
+        if created_before is not None:
+            query, args = query + " AND created_at < ?", (created_before,)
         with self._lock:
-            rows = self._db.execute("SELECT * FROM feedback WHERE state = 'queued' ORDER BY seq").fetchall()
+            rows = self._db.execute(query + " ORDER BY seq", args).fetchall()
+        return [_record(row) for row in rows]
+
+    def trained(self) -> list[FeedbackRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM feedback WHERE state = 'trained' ORDER BY seq").fetchall()
         return [_record(row) for row in rows]
 
     def mark_trained(self, feedback_ids: list[str], version: int) -> None:
         self._update(feedback_ids, "trained", version, None)
+
+    def mark_rejected(self, feedback_ids: list[str], reason: str) -> None:
+        self._update(feedback_ids, "rejected", None, reason)
+
+    def requeue_trained_after(self, version: int) -> int:
+        """Feedback trained into versions newer than ``version`` is queued again (those versions
+        are gone: an unreadable checkpoint at start-up). Returns how many records."""
+        now = time.time()
+        with self._lock:
+            cursor = self._db.execute(
+                "UPDATE feedback SET state = 'queued', trained_version = NULL, updated_at = ? "
+                "WHERE state = 'trained' AND trained_version > ?", (now, version))
+            return cursor.rowcount
 
     def mark_dropped(self, feedback_ids: list[str], reason: str) -> None:
         self._update(feedback_ids, "dropped", None, reason)
@@ -146,7 +171,8 @@ class Journal:
                 )
                 self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:  # a failed COMMIT (e.g. SQLITE_FULL) has rolled back already
+                    self._db.execute("ROLLBACK")
                 raise
 
     def _one(self, query: str, args: tuple) -> FeedbackRecord | None:
@@ -161,9 +187,44 @@ def _record(row: sqlite3.Row) -> FeedbackRecord:
         objective=row["objective"], weight=row["weight"], request_digest=row["request_digest"],
         prompt_ids=json.loads(row["prompt_ids"]), target_ids=json.loads(row["target_ids"]),
         served_version=row["served_version"], state=row["state"], trained_version=row["trained_version"],
-        reason=row["reason"], created_at=row["created_at"],
+        reason=row["reason"], created_at=row["created_at"], updated_at=row["updated_at"],
     )
 
 
 def journal_path(state_dir: str | Path) -> Path:
     return Path(state_dir) / "feedback.sqlite3"
+
+
+# errno values meaning "the storage refused the write", not "the code is wrong"
+_STORAGE_ERRNOS = {"ENOSPC": "the disk is full", "EDQUOT": "the disk quota is exhausted",
+                   "EROFS": "the file system is read-only", "EACCES": "permission denied",
+                   "EPERM": "permission denied", "EIO": "an I/O error"}
+
+
+def storage_failure(error: BaseException) -> str | None:
+    """What failed, in words, when ``error`` is the journal's storage failing; else None.
+
+    Storage failures are conditions of the machine, not bugs: SQLite's ``OperationalError``
+    ("database or disk is full", "attempt to write a readonly database", "database is locked"
+    after the busy timeout, "disk I/O error", "unable to open database file"), a corrupt file
+    (``DatabaseError``), and the OS errors behind them (``ENOSPC``, ``EROFS``, ``EIO``...).
+    Constraint violations and misuse (``IntegrityError``, ``ProgrammingError``) return None.
+    """
+    import errno as errno_module
+
+    if isinstance(error, sqlite3.OperationalError):
+        message = str(error)
+        if "locked" in message or "busy" in message:
+            return f"the database is locked by another process or connection ({message})"
+        if "full" in message:
+            return f"the disk is full ({message})"
+        if "readonly" in message or "read-only" in message:
+            return f"the database is read-only ({message})"
+        return f"SQLite could not write ({message})"
+    if type(error) is sqlite3.DatabaseError:
+        return f"the database file is unusable ({error})"
+    if isinstance(error, OSError) and error.errno is not None:
+        name = errno_module.errorcode.get(error.errno, "")
+        if name in _STORAGE_ERRNOS:
+            return f"{_STORAGE_ERRNOS[name]} ({name}: {error.strerror or error})"
+    return None

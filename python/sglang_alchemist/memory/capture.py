@@ -1,4 +1,4 @@
-"""Capture hooks on SGLang's model: copy the recorded rows' tensors out of the real prefill forward.
+"""Capture hooks on SGLang's model: write the recorded rows of the real prefill forward into the pool.
 
 PyTorch forward hooks on the projections of SGLang's own ``LlamaForCausalLM`` /
 ``Qwen2ForCausalLM`` / ``Qwen3ForCausalLM`` modules (after SGLang's LoRA manager wrapped them,
@@ -9,7 +9,7 @@ module (per layer)          taken from it
 ==========================  ======================================================
 model.embed_tokens          output: the residual entering layer 0
 self_attn.qkv_proj          output: q, k, v (split by width); the residual ``x``
-                            entering this layer is also stored now
+                            entering this layer is also written now
 self_attn.o_proj            input: ``attn_out``; output ``a`` gives ``h = x + a``
 mlp.gate_up_proj            output: ``gate_up``
 mlp.down_proj               output ``d`` gives the next layer's residual ``h + d``
@@ -17,31 +17,30 @@ mlp.down_proj               output ``d`` gives the next layer's residual ``h + d
 
 The residual stream is rebuilt from projection outputs rather than read from SGLang's fused
 add-RMSNorm boundaries, whose internal layout is an implementation detail; the sums are the
-same additions SGLang performs, in the same order. Each hook first selects the recorded rows
-(``index_select`` on the device), so unrecorded requests cost nothing beyond one
-``is None`` check per hook, and decode forwards are never armed.
+same additions SGLang performs, in the same order (in place, on one small buffer per recorded
+request). A recorded request's rows are contiguous in the forward's token dimension, so each
+hook hands the store a *view* of them, which it copies straight into the chunk's pages: one
+copy per tensor, no allocation per request. Unrecorded requests cost nothing beyond one ``is
+None`` check per hook, and decode forwards are never armed.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
-
-@dataclass
-class CapturePlan:
-    """Which rows of the next forward's token batch to record."""
-
-    rows: torch.Tensor  # int64 on the device: indices into the forward's token dimension
-    q_size: int
-    kv_size: int
+from sglang_alchemist.memory.store import ActivationStore, RecordedChunk
 
 
 @dataclass
-class CapturedBatch:
-    layers: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    final_residual: torch.Tensor | None = None
+class CaptureSegment:
+    """The rows of one request in the next forward: batch rows [row, row + count) -> ``chunk``."""
+
+    row: int
+    count: int
+    chunk: RecordedChunk
+    residual: torch.Tensor | None = None
 
 
 def _first(output):
@@ -49,13 +48,16 @@ def _first(output):
 
 
 class PrefillCapture:
-    """Installs the hooks once; ``arm(plan)`` before a forward, ``disarm()`` after it."""
+    """Installs the hooks once; ``arm(segments)`` before a forward, ``disarm()`` after it."""
 
-    def __init__(self, model: torch.nn.Module, num_layers: int) -> None:
+    def __init__(self, model: torch.nn.Module, num_layers: int, store: ActivationStore, q_size: int,
+                 kv_size: int) -> None:
         inner = model.model
-        self._plan: CapturePlan | None = None
-        self._batch: CapturedBatch | None = None
-        self._residual: torch.Tensor | None = None
+        self.store = store
+        self.q_size, self.kv_size = q_size, kv_size
+        self.num_layers = num_layers
+        self._segments: list[CaptureSegment] | None = None
+        self._calls = 0
         self._handles = [inner.embed_tokens.register_forward_hook(self._on_embed)]
         for index in range(num_layers):
             layer = inner.layers[index]
@@ -66,17 +68,19 @@ class PrefillCapture:
                 layer.mlp.down_proj.register_forward_hook(self._hook(index, self._on_down)),
             ]
 
-    def arm(self, plan: CapturePlan, num_layers: int) -> None:
-        self._plan = plan
-        self._batch = CapturedBatch(layers=[{} for _ in range(num_layers)])
-        self._residual = None
+    @property
+    def expected_calls(self) -> int:
+        return 1 + 4 * self.num_layers
 
-    def disarm(self) -> CapturedBatch | None:
-        batch = self._batch
-        if batch is not None:
-            batch.final_residual = self._residual
-        self._plan = self._batch = self._residual = None
-        return batch
+    def arm(self, segments: list[CaptureSegment]) -> None:
+        self._segments = segments
+        self._calls = 0
+
+    def disarm(self) -> tuple[list[CaptureSegment], bool]:
+        """The armed segments and whether every hook fired (False e.g. inside a CUDA-graph replay)."""
+        segments, complete = self._segments or [], self._calls == self.expected_calls
+        self._segments = None
+        return segments, complete
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -86,32 +90,44 @@ class PrefillCapture:
 
     def _hook(self, index, function):
         def hook(module, inputs, output):
-            if self._plan is not None:
+            if self._segments is not None:
+                self._calls += 1
                 function(index, inputs, output)
 
         return hook
 
-    def _rows(self, tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.index_select(0, self._plan.rows)
-
     def _on_embed(self, module, inputs, output) -> None:
-        if self._plan is not None:
-            self._residual = self._rows(_first(output))
+        if self._segments is None:
+            return
+        self._calls += 1
+        out = _first(output)
+        for segment in self._segments:
+            segment.residual = out[segment.row : segment.row + segment.count].clone()
 
     def _on_qkv(self, index, inputs, output) -> None:
-        plan = self._plan
-        qkv = self._rows(_first(output))
-        q, k, v = torch.split(qkv, [plan.q_size, plan.kv_size, plan.kv_size], dim=-1)
-        self._batch.layers[index].update(x=self._residual, q=q.contiguous(), k=k.contiguous(), v=v.contiguous())
+        out = _first(output)
+        q, kv = self.q_size, self.kv_size
+        write = self.store.write
+        for s in self._segments:
+            rows = out[s.row : s.row + s.count]
+            write(s.chunk, index, "x", s.residual)
+            write(s.chunk, index, "q", rows[:, :q])
+            write(s.chunk, index, "k", rows[:, q : q + kv])
+            write(s.chunk, index, "v", rows[:, q + kv : q + 2 * kv])
 
     def _on_o_proj(self, index, inputs, output) -> None:
-        layer = self._batch.layers[index]
-        layer["attn_out"] = self._rows(inputs[0])
-        self._residual = self._residual + self._rows(_first(output))
-        layer["h"] = self._residual
+        out = _first(output)
+        for s in self._segments:
+            self.store.write(s.chunk, index, "attn_out", inputs[0][s.row : s.row + s.count])
+            s.residual.add_(out[s.row : s.row + s.count])
+            self.store.write(s.chunk, index, "h", s.residual)
 
     def _on_gate_up(self, index, inputs, output) -> None:
-        self._batch.layers[index]["gate_up"] = self._rows(_first(output))
+        out = _first(output)
+        for s in self._segments:
+            self.store.write(s.chunk, index, "gate_up", out[s.row : s.row + s.count])
 
     def _on_down(self, index, inputs, output) -> None:
-        self._residual = self._residual + self._rows(_first(output))
+        out = _first(output)
+        for s in self._segments:
+            s.residual.add_(out[s.row : s.row + s.count])

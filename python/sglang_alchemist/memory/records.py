@@ -35,9 +35,6 @@ from dataclasses import dataclass
 import torch
 
 LAYER_TENSORS = ("x", "q", "k", "v", "attn_out", "h", "gate_up")
-# Needed during the forward (the target tokens attend to the prompt's keys and values);
-# the rest is needed only during the backward of its layer.
-FORWARD_TENSORS = ("k", "v")
 
 
 def layer_widths(geometry) -> dict[str, int]:
@@ -55,11 +52,6 @@ def layer_widths(geometry) -> dict[str, int]:
 def bytes_per_token_per_layer(geometry, dtype: torch.dtype) -> int:
     element = torch.empty(0, dtype=dtype).element_size()
     return sum(layer_widths(geometry).values()) * element
-
-
-def kv_cache_bytes_per_token_per_layer(geometry, dtype: torch.dtype) -> int:
-    element = torch.empty(0, dtype=dtype).element_size()
-    return 2 * geometry.kv_size * element
 
 
 @dataclass

@@ -1,40 +1,51 @@
-"""The activation store: recorded prefill chunks in a device tier and a host tier, under byte budgets.
+"""The activation store: recorded prefill chunks in a device tier and a host tier of preallocated pages.
 
 Unit of storage: a :class:`RecordedChunk` - the recorded rows of one request's prefill forward
 (a whole prompt, or one piece of a chunked prefill), all layers, plus the KV slot index of each
-row. Samples (``SampleActivations``) reference rows of one or more chunks; chunks are
-reference-counted and freed when no sample needs them.
+row. Its bytes live in the pool (``memory/pool.py``): per layer, a list of pages in one tier.
+Samples (``SampleActivations``) reference rows of one or more chunks; chunks are
+reference-counted and their pages go back to the pool when no sample needs them.
 
 Keys and ownership. Each row is indexed by its KV slot (the radix cache's index space: a
 prefix-cache hit hands a new request the slots of its cached prefix, and the store finds the
-rows recorded for them). A slot can be freed by SGLang and reused for another request's
-tokens, so a hit is trusted only if the chunk that recorded the slot was made (a) for the same
-token ids at every position up to and including that row and (b) with the same adapter
-version: values of a causal model at position i depend on exactly those. Otherwise the lookup
-reports ``slot_reused`` and the rows count as missing (the trainer recomputes).
+rows recorded for them, ``slot -> (chunk, row)``, kept beside SGLang's slots). A slot can be
+freed by SGLang and reused for another request's tokens, so a hit is trusted only if the chunk
+that recorded the slot was made (a) for the same token ids at every position up to and
+including that row and (b) with the same adapter version: values of a causal model at
+position i depend on exactly those. Rows that fail the check, or were never recorded (the
+earlier *responses* of a conversation: decode records nothing), are holes in the sample's
+record; the trainer computes just those rows and replays the rest.
 
-Tiers and budgets (``--alchemist-activation-device-mb``, ``--alchemist-activation-host-mb``):
-- New chunks go to the device tier. When it is full, the least recently used chunk moves to
-  the host tier one layer at a time, **first layers first** (the backward reads them last,
-  so they have the longest time to come back).
+Tiers and eviction (the pool's sizes are the budgets, so they can never be exceeded):
+- New chunks go to the device tier, last layers first. When a layer's device pages run out,
+  the least recently used chunk moves to the host tier one layer at a time, **first layers
+  first** (the backward reads them last, so they have the longest time to come back): a
+  chunk's device layers are always a suffix of its layers.
 - When the host tier is full, the chunk used longest ago is dropped entirely - the oldest
-  sample's, unless a newer request reused its rows (a shared system prompt is reused by
-  every request, so it stays); samples that used it train by recomputation.
-- Byte counts never exceed the budgets: room is made *before* bytes are admitted, and a chunk
-  that cannot fit anywhere is not stored.
-On CUDA the host tier is pinned memory and copies run on a side stream ordered by events, so
-the serving stream never waits for them; on CPU the tiers are the same RAM and a move only
-changes which budget the bytes count against.
+  sample's, unless a newer request reused its rows (a shared system prompt is reused by every
+  request, so it stays); samples that used it compute those rows when trained.
+- **Pinned** chunks (in use by a training step) and chunks being filled by a forward are never
+  moved or dropped: a step never loses rows between two of its slices.
+- A chunk that fits nowhere is not stored (its request trains by computing its rows).
+
+Threads: the scheduler thread records and evicts, the training thread reads and releases; all
+bookkeeping happens under ``lock``. Page contents are written without it (a chunk's pages belong
+to it alone until it is released) and read without it (the reader pins the chunk first).
+On CUDA the host tier is pinned memory and moves run on a side stream ordered by events; on CPU
+both tiers are RAM and a move is a copy between two slabs.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from dataclasses import dataclass, field
+import threading
+from dataclasses import dataclass
 from enum import StrEnum
 
 import torch
+
+from sglang_alchemist.memory.pool import TierPool, pages_for
 
 logger = logging.getLogger(__name__)
 
@@ -46,14 +57,8 @@ class Tier(StrEnum):
 
 @dataclass
 class ChunkLayer:
-    tensors: dict[str, torch.Tensor]
     tier: Tier
-    nbytes: int
-    # CUDA only: the device-to-host copy that filled ``tensors`` (host tier), and a
-    # host-to-device prefetch in flight on the copy stream.
-    copy_done: torch.cuda.Event | None = None
-    prefetched: dict[str, torch.Tensor] | None = None
-    prefetch_done: torch.cuda.Event | None = None
+    pages: torch.Tensor  # int64 CPU: page indices in the tier's pool for this layer
 
 
 @dataclass
@@ -70,6 +75,8 @@ class RecordedChunk:
     created: int
     last_used: int
     refcount: int = 0
+    pins: int = 0  # training steps reading it right now
+    filling: bool = True  # a forward is writing its rows (not yet findable by slot)
     dropped: bool = False
 
     @property
@@ -77,11 +84,8 @@ class RecordedChunk:
         return self.start + self.num_tokens
 
     @property
-    def nbytes(self) -> int:
-        return sum(layer.nbytes for layer in self.layers)
-
-    def tier_bytes(self, tier: Tier) -> int:
-        return sum(layer.nbytes for layer in self.layers if layer.tier is tier)
+    def evictable(self) -> bool:
+        return not (self.filling or self.pins or self.dropped)
 
 
 @dataclass
@@ -104,214 +108,271 @@ class ChunkView:
 @dataclass
 class StoreCounters:
     chunks_stored: int = 0
-    chunks_not_stored: int = 0  # did not fit in device + host budgets
+    chunks_not_stored: int = 0  # did not fit in device + host pages
     layers_moved_to_host: int = 0
-    chunks_dropped: int = 0  # host tier full: dropped (samples will recompute)
+    chunks_dropped: int = 0  # host tier full: dropped (samples compute those rows)
     chunks_released: int = 0  # no sample needs them any more
     prefix_lookups: int = 0
     prefix_hits: int = 0  # every cached prefix row found and valid
-    prefix_missing: int = 0  # some cached prefix row was never recorded (or was dropped)
+    prefix_missing: int = 0  # some cached prefix row was never recorded (or was dropped): a hole
     prefix_slot_reused: int = 0  # a slot's record belonged to other tokens or another version
+    prefix_rows_shared: int = 0  # rows a new request found already recorded (stored once)
     layers_loaded_from_host: int = 0
     peak_device_bytes: int = 0
     peak_host_bytes: int = 0
 
 
-@dataclass
 class ActivationStore:
-    device: torch.device
-    device_budget_bytes: int
-    host_budget_bytes: int
-    kv_slots: int  # size of SGLang's KV slot index space
-    chunks: dict[int, RecordedChunk] = field(default_factory=dict)
-    device_bytes: int = 0
-    host_bytes: int = 0
-    counters: StoreCounters = field(default_factory=StoreCounters)
-
-    def __post_init__(self) -> None:
+    def __init__(self, device: torch.device, device_budget_bytes: int, host_budget_bytes: int, kv_slots: int,
+                 widths: dict[str, int], num_layers: int, dtype: torch.dtype) -> None:
+        self.device = torch.device(device)
+        self._cuda = self.device.type == "cuda"
+        self.num_layers = num_layers
+        self.widths = widths
+        self.element_size = torch.empty(0, dtype=dtype).element_size()
+        self.device_pool = TierPool(widths, num_layers, device_budget_bytes, dtype, self.device)
+        self.host_pool = TierPool(widths, num_layers, host_budget_bytes, dtype, torch.device("cpu"), pin=self._cuda)
+        self.device_budget_bytes = device_budget_bytes
+        self.host_budget_bytes = host_budget_bytes
+        self.chunks: dict[int, RecordedChunk] = {}
+        self.counters = StoreCounters()
+        self.lock = threading.RLock()
         self._ids = itertools.count(1)
         self._clock = itertools.count(1)
-        self._slot_owner = torch.full((self.kv_slots,), -1, dtype=torch.int64)
-        self._slot_row = torch.zeros(self.kv_slots, dtype=torch.int64)
-        self._cuda = self.device.type == "cuda"
+        self._slot_owner = torch.full((kv_slots,), -1, dtype=torch.int64)
+        self._slot_row = torch.zeros(kv_slots, dtype=torch.int64)
         self._copy_stream = torch.cuda.Stream(self.device) if self._cuda else None
+        self._pending_device_free: list[tuple[torch.cuda.Event, int, torch.Tensor]] = []
+        # CUDA: host-tier layers brought to the device ahead of their backward: (chunk, layer) -> copies
+        self._prefetched: dict[tuple[int, int], tuple[dict[str, torch.Tensor], torch.cuda.Event]] = {}
+
+    def pool(self, tier: Tier) -> TierPool:
+        return self.device_pool if tier is Tier.DEVICE else self.host_pool
+
+    @property
+    def device_bytes(self) -> int:
+        return self.device_pool.used_bytes()
+
+    @property
+    def host_bytes(self) -> int:
+        return self.host_pool.used_bytes()
 
     # --- admission ------------------------------------------------------------------------
 
-    def reserve(self, nbytes: int) -> None:
-        """Make room on the device tier before a forward records ``nbytes`` (best effort)."""
-        self._make_device_room(min(nbytes, self.device_budget_bytes), protect=None)
+    def begin_chunk(self, owner: str, start: int, prompt_ids: torch.Tensor, slots: torch.Tensor,
+                    adapter_version: int) -> RecordedChunk | None:
+        """Reserve pages for a chunk a forward is about to record; None when it fits nowhere.
 
-    def add_chunk(
-        self,
-        owner: str,
-        start: int,
-        prompt_ids: torch.Tensor,
-        slots: torch.Tensor,
-        adapter_version: int,
-        layer_tensors: list[dict[str, torch.Tensor]],
-        final_hidden: torch.Tensor | None,
-    ) -> RecordedChunk | None:
-        """Admit a recorded chunk; the last layers take the device tier first. None: no room."""
-        sizes = [sum(t.numel() * t.element_size() for t in tensors.values()) for tensors in layer_tensors]
-        if sum(sizes) > self.device_budget_bytes + self.host_budget_bytes:
-            self.counters.chunks_not_stored += 1
-            return None
-        now = next(self._clock)
-        chunk = RecordedChunk(
-            chunk_id=next(self._ids), owner=owner, start=start, num_tokens=int(slots.numel()),
-            prompt_ids=prompt_ids, slots=slots.to("cpu", torch.int64), adapter_version=adapter_version,
-            layers=[], final_hidden=final_hidden, created=now, last_used=now,
-        )
-        placed: list[ChunkLayer | None] = [None] * len(layer_tensors)
-        for index in reversed(range(len(layer_tensors))):
-            tensors, nbytes = layer_tensors[index], sizes[index]
-            if self._make_device_room(nbytes, protect=chunk):
-                placed[index] = ChunkLayer(tensors, Tier.DEVICE, nbytes)
-                self.device_bytes += nbytes
-            elif self._make_host_room(nbytes, protect=chunk):
-                placed[index] = self._to_host(ChunkLayer(tensors, Tier.DEVICE, nbytes))
-                self.host_bytes += nbytes
-            else:  # cannot fit: undo what was placed
-                for layer in placed:
-                    if layer is not None:
-                        self._uncount(layer)
-                self.counters.chunks_not_stored += 1
-                return None
-        chunk.layers = list(placed)  # type: ignore[arg-type]
-        self.chunks[chunk.chunk_id] = chunk
-        self._slot_owner[chunk.slots] = chunk.chunk_id
-        self._slot_row[chunk.slots] = torch.arange(chunk.num_tokens)
-        self.counters.chunks_stored += 1
-        self._note_peaks()
-        return chunk
+        The last layers take the device tier first; room is made by moving least recently used
+        chunks to the host tier (first layers first) and dropping the oldest host chunks.
+        """
+        rows = int(slots.numel())
+        count = pages_for(rows)
+        with self.lock:
+            self._reclaim_device_pages(wait=False)
+            now = next(self._clock)
+            chunk = RecordedChunk(
+                chunk_id=next(self._ids), owner=owner, start=start, num_tokens=rows, prompt_ids=prompt_ids,
+                slots=slots.to("cpu", torch.int64), adapter_version=adapter_version, layers=[],
+                final_hidden=None, created=now, last_used=now,
+            )
+            placed: list[ChunkLayer | None] = [None] * self.num_layers
+            device_ok = True  # once a layer goes to the host, every layer below it does too
+            for layer in reversed(range(self.num_layers)):
+                pages = self._allocate(Tier.DEVICE, layer, count) if device_ok else None
+                tier = Tier.DEVICE
+                if pages is None:
+                    device_ok = False
+                    pages, tier = self._allocate(Tier.HOST, layer, count), Tier.HOST
+                if pages is None:
+                    for index, done in enumerate(placed):
+                        if done is not None:
+                            self.pool(done.tier).release(index, done.pages)
+                    self.counters.chunks_not_stored += 1
+                    return None
+                placed[layer] = ChunkLayer(tier, pages)
+            chunk.layers = list(placed)  # type: ignore[arg-type]
+            self.chunks[chunk.chunk_id] = chunk
+            self._note_peaks()
+            return chunk
+
+    def write(self, chunk: RecordedChunk, layer: int, name: str, rows: torch.Tensor) -> None:
+        """Capture: write one layer's tensor for the chunk's rows (no lock: the pages are its own)."""
+        chunk_layer = chunk.layers[layer]
+        self.pool(chunk_layer.tier).write(layer, chunk_layer.pages, name, rows)
+
+    def commit_chunk(self, chunk: RecordedChunk, final_hidden: torch.Tensor | None) -> None:
+        """The forward finished writing: the chunk becomes findable by its slots."""
+        with self.lock:
+            chunk.final_hidden = final_hidden
+            chunk.filling = False
+            self._slot_owner[chunk.slots] = chunk.chunk_id
+            self._slot_row[chunk.slots] = torch.arange(chunk.num_tokens)
+            self.counters.chunks_stored += 1
+
+    def abort_chunk(self, chunk: RecordedChunk) -> None:
+        with self.lock:
+            if chunk.chunk_id in self.chunks:
+                self._remove(chunk)
 
     # --- references -----------------------------------------------------------------------
 
     def acquire(self, views: list[ChunkView]) -> None:
-        for view in views:
-            view.chunk.refcount += 1
+        with self.lock:
+            for view in views:
+                view.chunk.refcount += 1
 
     def release(self, views: list[ChunkView]) -> None:
-        for view in views:
-            chunk = view.chunk
-            chunk.refcount -= 1
-            if chunk.refcount <= 0 and not chunk.dropped:
-                self._remove(chunk)
-                self.counters.chunks_released += 1
+        with self.lock:
+            for view in views:
+                chunk = view.chunk
+                chunk.refcount -= 1
+                if chunk.refcount <= 0 and not chunk.dropped and not chunk.filling:
+                    self._remove(chunk)
+                    self.counters.chunks_released += 1
+
+    def pin(self, views: list[ChunkView]) -> list[ChunkView]:
+        """Protect a sample's chunks for a training step; returns the views still backed by rows."""
+        with self.lock:
+            live = [view for view in views if not view.chunk.dropped]
+            for view in live:
+                view.chunk.pins += 1
+            return live
+
+    def unpin(self, views: list[ChunkView]) -> None:
+        with self.lock:
+            for view in views:
+                view.chunk.pins -= 1
 
     def touch(self, chunk: RecordedChunk) -> None:
         chunk.last_used = next(self._clock)
 
     # --- prefix lookup --------------------------------------------------------------------
 
-    def lookup_prefix(
-        self, prompt_ids: torch.Tensor, prefix_slots: torch.Tensor, adapter_version: int
-    ) -> tuple[list[ChunkView] | None, str | None]:
-        """Views covering positions [0, len(prefix_slots)), or (None, reason) when not usable."""
-        self.counters.prefix_lookups += 1
-        if prefix_slots.numel() == 0:
-            return [], None
-        slots = prefix_slots.to("cpu", torch.int64)
-        owners = self._slot_owner[slots]
-        if bool((owners < 0).any()):
-            self.counters.prefix_missing += 1
-            return None, "prefix_not_recorded"
-        rows = self._slot_row[slots]
-        # Split into runs of one chunk with consecutive rows.
-        breaks = torch.nonzero((owners[1:] != owners[:-1]) | (rows[1:] != rows[:-1] + 1)).flatten() + 1
-        bounds = [0, *breaks.tolist(), int(slots.numel())]
-        views: list[ChunkView] = []
-        for run_start, run_end in itertools.pairwise(bounds):
-            chunk = self.chunks.get(int(owners[run_start]))
-            row_start = int(rows[run_start])
-            view = None if chunk is None else ChunkView(chunk, row_start, row_start + run_end - run_start)
-            if view is None or chunk.dropped:
-                self.counters.prefix_missing += 1
-                return None, "prefix_not_recorded"
-            valid = (
-                view.position_start == run_start
-                and chunk.adapter_version == adapter_version
-                and chunk.prompt_ids.numel() >= view.position_end
-                and torch.equal(chunk.prompt_ids[: view.position_end], prompt_ids[: view.position_end])
-            )
-            if not valid:
-                self.counters.prefix_slot_reused += 1
-                return None, "slot_reused"
-            views.append(view)
-        for view in views:
-            self.touch(view.chunk)  # rows shared by a new request are as recent as it is
-        self.counters.prefix_hits += 1
-        return views, None
+    def lookup_prefix(self, prompt_ids: torch.Tensor, prefix_slots: torch.Tensor,
+                      adapter_version: int) -> tuple[list[ChunkView], str | None]:
+        """Views of the recorded rows of positions [0, len(prefix_slots)) and why any are missing.
+
+        Rows never recorded, dropped, or recorded for other tokens / another adapter version are
+        left out (holes); the reason is that of the first hole, or None when every row was found.
+        """
+        with self.lock:
+            self.counters.prefix_lookups += 1
+            if prefix_slots.numel() == 0:
+                return [], None
+            slots = prefix_slots.to("cpu", torch.int64)
+            owners = self._slot_owner[slots]
+            rows = self._slot_row[slots]
+            breaks = torch.nonzero((owners[1:] != owners[:-1]) | (rows[1:] != rows[:-1] + 1)).flatten() + 1
+            bounds = [0, *breaks.tolist(), int(slots.numel())]
+            views: list[ChunkView] = []
+            reason = None
+            missing = reused = False
+            for run_start, run_end in itertools.pairwise(bounds):
+                chunk = self.chunks.get(int(owners[run_start])) if int(owners[run_start]) >= 0 else None
+                if chunk is None or chunk.dropped or chunk.filling:
+                    missing = True
+                    reason = reason or "prefix_not_recorded"
+                    continue
+                row_start = int(rows[run_start])
+                view = ChunkView(chunk, row_start, row_start + run_end - run_start)
+                valid = (
+                    view.position_start == run_start
+                    and chunk.adapter_version == adapter_version
+                    and chunk.prompt_ids.numel() >= view.position_end
+                    and torch.equal(chunk.prompt_ids[: view.position_end], prompt_ids[: view.position_end])
+                )
+                if not valid:
+                    reused = True
+                    reason = reason or "slot_reused"
+                    continue
+                views.append(view)
+            for view in views:
+                self.touch(view.chunk)  # rows shared by a new request are as recent as it is
+            self.counters.prefix_rows_shared += sum(v.row_end - v.row_start for v in views)
+            # once per lookup: how many requests found holes, not how many runs
+            self.counters.prefix_missing += int(missing)
+            self.counters.prefix_slot_reused += int(reused)
+            if reason is None:
+                self.counters.prefix_hits += 1
+            return views, reason
 
     # --- loading for the trainer ----------------------------------------------------------
 
-    def load_layer(self, views: list[ChunkView], layer: int, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        """One layer's tensors for the positions covered by ``views``, on the device."""
-        parts: dict[str, list[torch.Tensor]] = {name: [] for name in names}
-        for view in views:
-            chunk_layer = view.chunk.layers[layer]
-            self.touch(view.chunk)
-            if chunk_layer.tier is Tier.HOST:
-                self.counters.layers_loaded_from_host += 1
-            for name in names:
-                parts[name].append(self._on_device(chunk_layer, name)[view.row_start : view.row_end])
-        return {name: tensors[0] if len(tensors) == 1 else torch.cat(tensors) for name, tensors in parts.items()}
+    def read(self, view: ChunkView, layer: int, names: tuple[str, ...], start: int, end: int) -> dict[str, torch.Tensor]:
+        """Positions [start, end) (inside ``view``) of one layer, on the compute device."""
+        chunk_layer = view.chunk.layers[layer]
+        first = start - view.chunk.start
+        last = end - view.chunk.start
+        self.touch(view.chunk)
+        prefetched = self._prefetched.get((view.chunk.chunk_id, layer)) if self._cuda else None
+        if prefetched is not None and all(name in prefetched[0] for name in names):
+            copies, done = prefetched
+            torch.cuda.current_stream(self.device).wait_event(done)
+            self.counters.layers_loaded_from_host += 1
+            return {name: copies[name].view(-1, copies[name].shape[-1])[first:last] for name in names}
+        pool = self.pool(chunk_layer.tier)
+        tensors = {name: pool.read(layer, chunk_layer.pages, name, first, last) for name in names}
+        if chunk_layer.tier is Tier.HOST:
+            self.counters.layers_loaded_from_host += 1
+            if self._cuda:
+                tensors = {name: t.to(self.device, non_blocking=True) for name, t in tensors.items()}
+        return tensors
 
-    def prefetch_layer(self, views: list[ChunkView], layer: int, names: tuple[str, ...]) -> None:
-        """Start the host-to-device copies of one layer on the copy stream (CUDA only)."""
-        if not self._cuda:
+    def prefetch(self, view: ChunkView, layer: int, names: tuple[str, ...]) -> None:
+        """CUDA: start copying a host-tier layer of a pinned chunk to the device on the copy stream.
+
+        The backward reads layers last to first and prefetches the next one while the current
+        one computes; each page is a slice of the pinned host slab, so every copy is asynchronous.
+        ``release_prefetch`` frees the copies once the step is done with the chunk.
+        """
+        chunk_layer = view.chunk.layers[layer]
+        key = (view.chunk.chunk_id, layer)
+        if not self._cuda or chunk_layer.tier is not Tier.HOST or key in self._prefetched:
             return
-        for view in views:
-            chunk_layer = view.chunk.layers[layer]
-            if chunk_layer.tier is not Tier.HOST or chunk_layer.prefetched is not None:
-                continue
-            with torch.cuda.stream(self._copy_stream):  # ordered after this layer's D2H copy
-                chunk_layer.prefetched = {
-                    name: chunk_layer.tensors[name].to(self.device, non_blocking=True) for name in names
-                }
-                chunk_layer.prefetch_done = torch.cuda.Event()
-                chunk_layer.prefetch_done.record(self._copy_stream)
+        slabs = self.host_pool.slabs[layer]
+        pages = chunk_layer.pages.tolist()
+        with torch.cuda.stream(self._copy_stream):
+            copies = {}
+            for name in names:
+                slab = slabs[name]
+                target = torch.empty((len(pages), *slab.shape[1:]), dtype=slab.dtype, device=self.device)
+                for index, page in enumerate(pages):
+                    target[index].copy_(slab[page], non_blocking=True)
+                copies[name] = target
+            done = torch.cuda.Event()
+            done.record(self._copy_stream)
+        self._prefetched[key] = (copies, done)
 
-    def _on_device(self, chunk_layer: ChunkLayer, name: str) -> torch.Tensor:
-        if chunk_layer.tier is Tier.DEVICE or not self._cuda:
-            return chunk_layer.tensors[name]
-        current = torch.cuda.current_stream(self.device)
-        if chunk_layer.prefetched is not None and name in chunk_layer.prefetched:
-            current.wait_event(chunk_layer.prefetch_done)
-            tensor = chunk_layer.prefetched.pop(name)
-            tensor.record_stream(current)
-            if not chunk_layer.prefetched:
-                chunk_layer.prefetched = chunk_layer.prefetch_done = None
-            return tensor
-        if chunk_layer.copy_done is not None:
-            current.wait_event(chunk_layer.copy_done)  # the host copy may still be in flight
-        return chunk_layer.tensors[name].to(self.device, non_blocking=True)
+    def release_prefetch(self, views: list[ChunkView]) -> None:
+        ids = {view.chunk.chunk_id for view in views}
+        for key in [key for key in self._prefetched if key[0] in ids]:
+            copies, done = self._prefetched.pop(key)
+            for tensor in copies.values():
+                tensor.record_stream(torch.cuda.current_stream(self.device))
 
     def move_layer_to_host(self, chunk: RecordedChunk, layer: int) -> bool:
         """Move one layer of a chunk to the host tier now (as eviction would); False if impossible."""
-        chunk_layer = chunk.layers[layer]
-        if chunk_layer.tier is Tier.HOST or not self._make_host_room(chunk_layer.nbytes, protect=chunk):
-            return False
-        chunk.layers[layer] = self._to_host(chunk_layer)
-        self.device_bytes -= chunk_layer.nbytes
-        self.host_bytes += chunk_layer.nbytes
-        self.counters.layers_moved_to_host += 1
-        self._note_peaks()
-        return True
+        with self.lock:
+            return self._demote(chunk, layer, protect=chunk)
 
     # --- status -----------------------------------------------------------------------------
 
     def status(self) -> dict:
-        return {
-            "device_budget_bytes": self.device_budget_bytes,
-            "host_budget_bytes": self.host_budget_bytes,
-            "device_bytes": self.device_bytes,
-            "host_bytes": self.host_bytes,
-            "chunks": len(self.chunks),
-            "tokens": sum(chunk.num_tokens for chunk in self.chunks.values()),
-            **self.counters.__dict__,
-        }
+        with self.lock:
+            live = [c for c in self.chunks.values() if not c.dropped]
+            return {
+                "device_budget_bytes": self.device_budget_bytes,
+                "host_budget_bytes": self.host_budget_bytes,
+                "device_capacity_bytes": self.device_pool.capacity_bytes,
+                "host_capacity_bytes": self.host_pool.capacity_bytes,
+                "device_bytes": self.device_bytes,
+                "host_bytes": self.host_bytes,
+                "chunks": len(live),
+                "tokens": sum(chunk.num_tokens for chunk in live),
+                "pinned_chunks": sum(1 for c in live if c.pins),
+                **self.counters.__dict__,
+            }
 
     # --- internals ---------------------------------------------------------------------------
 
@@ -319,59 +380,84 @@ class ActivationStore:
         self.counters.peak_device_bytes = max(self.counters.peak_device_bytes, self.device_bytes)
         self.counters.peak_host_bytes = max(self.counters.peak_host_bytes, self.host_bytes)
 
-    def _make_device_room(self, nbytes: int, protect: RecordedChunk | None) -> bool:
-        if nbytes > self.device_budget_bytes:
-            return False
-        while self.device_bytes + nbytes > self.device_budget_bytes:
-            victim = min(
-                (c for c in self.chunks.values() if c is not protect and c.tier_bytes(Tier.DEVICE) > 0),
-                key=lambda c: c.last_used,
-                default=None,
-            )
-            if victim is None:
-                return False
-            first_on_device = next(i for i, layer in enumerate(victim.layers) if layer.tier is Tier.DEVICE)
-            if not self.move_layer_to_host(victim, first_on_device):
-                self._drop(victim)  # no host room even after dropping older chunks
-        return True
+    def _allocate(self, tier: Tier, layer: int, count: int) -> torch.Tensor | None:
+        pool = self.pool(tier)
+        if count > pool.pages:
+            return None
+        while pool.free_pages(layer) < count:
+            if tier is Tier.DEVICE and self._pending_device_free:
+                self._reclaim_device_pages(wait=True)
+                continue
+            if not self._evict_one(tier, layer):
+                return None
+        return pool.allocate(layer, count)
 
-    def _make_host_room(self, nbytes: int, protect: RecordedChunk | None) -> bool:
-        if nbytes > self.host_budget_bytes:
+    def _lru(self, tier: Tier, layer: int) -> RecordedChunk | None:
+        return min(
+            (c for c in self.chunks.values() if c.evictable and c.layers[layer].tier is tier),
+            key=lambda c: c.last_used, default=None,
+        )
+
+    def _evict_one(self, tier: Tier, layer: int) -> bool:
+        """Free pages of ``layer`` in ``tier``: demote (device) or drop (host) the LRU chunk there."""
+        victim = self._lru(tier, layer)
+        if victim is None:
             return False
-        while self.host_bytes + nbytes > self.host_budget_bytes:
-            victim = min(
-                (c for c in self.chunks.values() if c is not protect and c.tier_bytes(Tier.HOST) > 0),
-                key=lambda c: c.last_used,
-                default=None,
-            )
-            if victim is None:
-                return False
+        if tier is Tier.HOST:
             self._drop(victim)
+            return True
+        # first layers first: every device layer of the victim up to ``layer`` leaves together
+        for index in range(layer + 1):
+            if victim.layers[index].tier is Tier.DEVICE and not self._demote(victim, index, protect=victim):
+                self._drop(victim)  # no host room even after dropping older chunks
+                return True
         return True
 
-    def _to_host(self, layer: ChunkLayer) -> ChunkLayer:
-        if not self._cuda:
-            return ChunkLayer(layer.tensors, Tier.HOST, layer.nbytes)
-        host = {}
-        with torch.cuda.stream(self._copy_stream):
-            self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-            for name, tensor in layer.tensors.items():
-                host[name] = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-                host[name].copy_(tensor, non_blocking=True)
-                tensor.record_stream(self._copy_stream)  # device memory is reused only after the copy
-            event = torch.cuda.Event()
-            event.record(self._copy_stream)
-        return ChunkLayer(host, Tier.HOST, layer.nbytes, copy_done=event)
-
-    def _uncount(self, layer: ChunkLayer) -> None:
-        if layer.tier is Tier.DEVICE:
-            self.device_bytes -= layer.nbytes
+    def _demote(self, chunk: RecordedChunk, layer: int, protect: RecordedChunk) -> bool:
+        chunk_layer = chunk.layers[layer]
+        if chunk_layer.tier is Tier.HOST:
+            return False
+        count = int(chunk_layer.pages.numel())
+        host_pages = None
+        if count <= self.host_pool.pages:
+            while self.host_pool.free_pages(layer) < count:
+                victim = min((c for c in self.chunks.values() if c.evictable and c is not protect
+                              and c.layers[layer].tier is Tier.HOST), key=lambda c: c.last_used, default=None)
+                if victim is None:
+                    break
+                self._drop(victim)
+            host_pages = self.host_pool.allocate(layer, count)
+        if host_pages is None:
+            return False
+        if self._cuda:
+            with torch.cuda.stream(self._copy_stream):
+                self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+                self.device_pool.copy_pages(layer, chunk_layer.pages, self.host_pool, host_pages, non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._copy_stream)
+            self._pending_device_free.append((event, layer, chunk_layer.pages))
         else:
-            self.host_bytes -= layer.nbytes
+            self.device_pool.copy_pages(layer, chunk_layer.pages, self.host_pool, host_pages)
+            self.device_pool.release(layer, chunk_layer.pages)
+        chunk.layers[layer] = ChunkLayer(Tier.HOST, host_pages)
+        self.counters.layers_moved_to_host += 1
+        self._note_peaks()
+        return True
+
+    def _reclaim_device_pages(self, wait: bool) -> None:
+        """Device pages whose copy to the host finished go back to the device pool (CUDA)."""
+        pending, self._pending_device_free = self._pending_device_free, []
+        for event, layer, pages in pending:
+            if wait:
+                event.synchronize()
+            if event.query():
+                self.device_pool.release(layer, pages)
+            else:
+                self._pending_device_free.append((event, layer, pages))
 
     def _remove(self, chunk: RecordedChunk) -> None:
-        for layer in chunk.layers:
-            self._uncount(layer)
+        for index, chunk_layer in enumerate(chunk.layers):
+            self.pool(chunk_layer.tier).release(index, chunk_layer.pages)
         chunk.layers = []
         chunk.final_hidden = None
         self.chunks.pop(chunk.chunk_id, None)
@@ -382,3 +468,4 @@ class ActivationStore:
         chunk.dropped = True
         self._remove(chunk)
         self.counters.chunks_dropped += 1
+

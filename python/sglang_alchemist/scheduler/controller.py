@@ -1,64 +1,59 @@
-"""The SLO controller: how much time training may take between two serving batches.
+"""The SLO controller: when the training thread may run, how long its slices may be, and the SLO accounting.
 
-After every serving batch (and on every idle pass of the scheduler loop) the controller grants
-the training lane a time budget; the lane runs slices (one layer of one sample's forward or
-backward) while the *predicted* cost of the next slice fits in what is left of the budget.
+Training runs in its own thread (``scheduler/worker.py``) at the lowest CPU priority, so the
+operating system already gives every cycle serving wants to serving, and training gets the
+rest: idle time between requests and the cycles a decode step leaves unused. What the OS does
+not see is the serving-latency target, so between two slices the worker asks :meth:`grant`:
 
-Policy, in order:
+1. **Paused, or nothing to train** -> wait.
+2. **A prefill is waiting** (a request was received and not yet prefilled) -> wait until the
+   prefill has run: nothing may delay a first token (``--alchemist-ttft-slo-ms``).
+3. **Requests are decoding** -> run, in slices of at most ``SLICE_FRACTION`` of
+   ``--alchemist-tpot-slo-ms``, with a duty cycle: each grant lasts ``duty x PERIOD_S`` and is
+   followed by a rest of the remainder. The duty follows the *measured* time per output token
+   (additive increase while the recent TPOT is under ``(1 - SAFETY_MARGIN)`` of the target,
+   multiplicative decrease above it), and it never exceeds ``--alchemist-train-share``.
+4. **Idle engine** -> run, in slices of at most ``IDLE_SLICE_FRACTION`` of the TTFT target (a
+   request that arrives mid-slice preempts it at the OS level; on a GPU, where nothing
+   preempts a kernel queue, the slice length bounds its wait).
 
-1. **Paused or nothing to train** -> no budget.
-2. **Waiting requests** (prefill not yet admitted) -> training yields: no budget. A waiting
-   request's time to first token only grows while we train, and SGLang schedules prefill
-   first whenever it can.
-3. **Decoding requests** -> budget = ``tpot_target - predicted decode step - predicted prefill
-   per gap - margin``: a running request's next token comes one decode step after this gap, and
-   the prefill batches SGLang interleaves for arriving requests delay it too, so the gap plus
-   those must stay under ``--alchemist-tpot-slo-ms``. When serving alone already fills the
-   target (a loaded engine), training gets nothing and waits for idle time. It is also capped by the training share
-   (``--alchemist-train-share``): every serving batch earns training a credit of
-   ``share / (1 - share)`` times its duration, and slices run while serving spend it. The credit
-   accumulates across batches (up to one TPOT target), because a slice cannot be split: a
-   per-gap cap would starve a slice longer than one decode step forever, while the credit lets
-   it run after a few steps and still bounds training's long-run share of serving time.
-4. **Idle engine** -> a larger budget: ``IDLE_BUDGET_S`` per pass, at most
-   ``TTFT_TRAINING_FRACTION`` of ``--alchemist-ttft-slo-ms``. The loop looks for new requests
-   only between passes, so a request arriving during a pass waits for the rest of it: half the
-   TTFT target is left for its queueing and prefill. Slices must fit the pass like any other,
-   except the first one of a pass (an idle engine always makes progress, even on a slice larger
-   than the budget). The engine counts as idle only after ``IDLE_GRACE_S`` without a batch: the
-   short gaps between the requests of a continuous load are not idle time.
+The cost model (``scheduler/cost_model.py``) turns the slice bound into rows per slice.
 
-Costs are learned online: the decode step time is an exponential moving average of measured
-decode batches, and a slice's cost is ``seconds per (token x layer)`` times its tokens,
-averaged over measured slices (seeded from a matmul benchmark at start-up).
-
-Accounting (``status()``): for every decode step, the time per output token it delivered is
-the step's own duration plus the training time and scheduler overhead since the previous
-decode step (serving's own prefill batches in between are not charged to training). SLO
-attainment is the share of decode steps whose TPOT was within the target. For every request,
-time to first token is counted in the scheduler from its entry into the waiting queue to the end
-of the prefill batch that produced its first token, plus all the training that ran since the
-scheduler last looked for requests before receiving it (an upper bound on the training delay it
-suffered; the HTTP and tokenizer time before is not seen here). TTFT attainment is the share of
-requests within ``--alchemist-ttft-slo-ms``.
+Accounting (``status()``), from the scheduler thread's own clock: every decode step's time per
+output token is the time since the previous decode step ended, less serving's own prefill
+batches in between; SLO attainment is the share within the target. Every request's time to
+first token runs from its entry into SGLang's waiting queue to the end of the prefill that
+produced its first token (the HTTP and tokenizer time before is not seen here); TTFT
+attainment is the share within ``--alchemist-ttft-slo-ms``. Clients measure both end to end in
+``benchmark/serving_impact.py``.
 """
 
 from __future__ import annotations
 
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
-IDLE_BUDGET_S = 0.25
-IDLE_GRACE_S = 0.1
-TTFT_TRAINING_FRACTION = 0.5  # of the TTFT target: the longest idle training pass
-SAFETY_MARGIN = 0.1  # of the TPOT target, kept free for scheduler overhead and noise
-SMOOTHING = 0.2
+from sglang_alchemist.scheduler.cost_model import SliceCostModel
+
+SLICE_FRACTION = 0.25  # longest slice while requests decode, as a share of the TPOT target
+IDLE_SLICE_FRACTION = 0.05  # longest slice on an idle engine, as a share of the TTFT target
+IDLE_SLICE_CAP_S = 0.25
+PERIOD_S = 0.1  # a decode-time grant and its rest add up to this
+SAFETY_MARGIN = 0.1  # of the TPOT target, kept free for noise
+DUTY_STEP = 0.05
+MIN_DUTY = 0.05
+RECENT_DECODES = 16
+WAIT_RECHECK_S = 0.02
 
 
 @dataclass
 class Grant:
-    budget_s: float
-    reason: str  # "paused", "no_work", "waiting_prefill", "decode_slack", "idle_grace", "idle"
+    budget_s: float  # run slices for this long (0: wait)
+    reason: str  # "paused", "no_work", "waiting_prefill", "decode", "idle"
+    max_slice_s: float = 0.0
+    rest_s: float = 0.0  # after the budget, sleep this long (decode duty cycle)
 
 
 @dataclass
@@ -66,14 +61,11 @@ class ControllerCounters:
     decode_steps: int = 0
     decode_steps_within_slo: int = 0
     grants: dict = field(default_factory=dict)
-    slices_by_grant: dict = field(default_factory=dict)  # slices run under each kind of grant
+    slices_by_grant: dict = field(default_factory=dict)
     training_seconds: float = 0.0
     serving_seconds: float = 0.0
     slices_run: int = 0
-    slices_deferred: int = 0  # the next slice did not fit the budget: it waits for the next gap
-    grants_used: int = 0
-    slices_per_used_grant_total: int = 0
-    max_slices_per_grant: int = 0
+    longest_decode_slice_s: float = 0.0
     worst_tpot_s: float = 0.0
     first_tokens: int = 0
     first_tokens_within_slo: int = 0
@@ -81,98 +73,92 @@ class ControllerCounters:
 
 
 class SloController:
-    def __init__(self, tpot_slo_s: float, ttft_slo_s: float, train_share: float,
-                 seconds_per_token_layer: float) -> None:
+    def __init__(self, tpot_slo_s: float, ttft_slo_s: float, train_share: float, cost: SliceCostModel) -> None:
         self.tpot_slo_s = tpot_slo_s
         self.ttft_slo_s = ttft_slo_s
         self.train_share = train_share
-        self.seconds_per_token_layer = seconds_per_token_layer
-        self.decode_step_s: float | None = None
-        self.prefill_per_gap_s = 0.0  # serving's own prefill time between two decode steps (average)
+        self.cost = cost
         self.counters = ControllerCounters()
+        self.duty = min(train_share, 0.5)
+        self.running = 0
+        self.waiting = 0
+        self.prefill_running = False  # set by the scheduler thread around a prefill forward
+        self._recent_tpot: deque[float] = deque(maxlen=RECENT_DECODES)
         self._last_decode_end: float | None = None
         self._prefill_since_decode = 0.0
-        self._share_credit_s = 0.0
-        self._last_batch_end = float("-inf")
         self._started = time.monotonic()
+        self._lock = threading.Lock()
 
-    # --- serving observations --------------------------------------------------------------
+    # --- serving observations (scheduler thread) ------------------------------------------------
+
+    def note_queues(self, running: int, waiting: int) -> None:
+        self.running, self.waiting = running, waiting
 
     def on_batch(self, is_decode: bool, started: float, seconds: float) -> None:
-        self.counters.serving_seconds += seconds
-        if self.train_share < 1.0:
-            earned = self.train_share / max(1e-6, 1 - self.train_share) * seconds
-            self._share_credit_s = min(self._share_credit_s + earned, self.tpot_slo_s)
-        end = started + seconds
-        self._last_batch_end = end
-        if not is_decode:
-            self._prefill_since_decode += seconds
-            return
-        self.decode_step_s = seconds if self.decode_step_s is None else (
-            (1 - SMOOTHING) * self.decode_step_s + SMOOTHING * seconds
-        )
-        if self._last_decode_end is not None:
-            self.prefill_per_gap_s = (1 - SMOOTHING) * self.prefill_per_gap_s + SMOOTHING * self._prefill_since_decode
-            gap = max(0.0, started - self._last_decode_end - self._prefill_since_decode)
-            tpot = gap + seconds
-            self.counters.decode_steps += 1
-            self.counters.decode_steps_within_slo += int(tpot <= self.tpot_slo_s)
-            self.counters.worst_tpot_s = max(self.counters.worst_tpot_s, tpot)
-        self._last_decode_end = end
-        self._prefill_since_decode = 0.0
+        with self._lock:
+            self.counters.serving_seconds += seconds
+            end = started + seconds
+            if not is_decode:
+                self._prefill_since_decode += seconds
+                return
+            if self._last_decode_end is not None:
+                tpot = max(0.0, end - self._last_decode_end - self._prefill_since_decode)
+                self._recent_tpot.append(tpot)
+                self.counters.decode_steps += 1
+                self.counters.decode_steps_within_slo += int(tpot <= self.tpot_slo_s)
+                self.counters.worst_tpot_s = max(self.counters.worst_tpot_s, tpot)
+                self._adapt_duty(tpot)
+            self._last_decode_end = end
+            self._prefill_since_decode = 0.0
 
     def on_first_token(self, ttft_s: float) -> None:
-        self.counters.first_tokens += 1
-        self.counters.first_tokens_within_slo += int(ttft_s <= self.ttft_slo_s)
-        self.counters.worst_ttft_s = max(self.counters.worst_ttft_s, ttft_s)
+        with self._lock:
+            self.counters.first_tokens += 1
+            self.counters.first_tokens_within_slo += int(ttft_s <= self.ttft_slo_s)
+            self.counters.worst_ttft_s = max(self.counters.worst_ttft_s, ttft_s)
 
     def on_idle(self) -> None:
         """No request is running: the next decode step starts a new TPOT series."""
         self._last_decode_end = None
         self._prefill_since_decode = 0.0
 
-    # --- grants -----------------------------------------------------------------------------
+    def _adapt_duty(self, tpot: float) -> None:
+        if tpot > self.tpot_slo_s * (1 - SAFETY_MARGIN):
+            self.duty = max(MIN_DUTY, self.duty / 2)
+        else:
+            self.duty = min(self.train_share, self.duty + DUTY_STEP)
 
-    def grant(self, has_work: bool, paused: bool, running: int, waiting: int) -> Grant:
+    # --- grants (training thread) ---------------------------------------------------------------
+
+    def grant(self, has_work: bool, paused: bool) -> Grant:
         if paused:
             grant = Grant(0.0, "paused")
         elif not has_work:
             grant = Grant(0.0, "no_work")
-        elif waiting > 0:
+        elif self.waiting > 0 or self.prefill_running:
             grant = Grant(0.0, "waiting_prefill")
-        elif running > 0:
-            decode = self.decode_step_s if self.decode_step_s is not None else self.tpot_slo_s
-            slack = self.tpot_slo_s * (1 - SAFETY_MARGIN) - decode - self.prefill_per_gap_s
-            share_cap = float("inf") if self.train_share >= 1.0 else self._share_credit_s
-            grant = Grant(max(0.0, min(slack, share_cap)), "decode_slack")
-        elif time.monotonic() - self._last_batch_end < IDLE_GRACE_S:
-            grant = Grant(0.0, "idle_grace")
+        elif self.running > 0:
+            budget = self.duty * PERIOD_S
+            grant = Grant(budget, "decode", SLICE_FRACTION * self.tpot_slo_s, PERIOD_S - budget)
         else:
-            grant = Grant(min(IDLE_BUDGET_S, TTFT_TRAINING_FRACTION * self.ttft_slo_s), "idle")
+            grant = Grant(PERIOD_S, "idle", min(IDLE_SLICE_CAP_S, IDLE_SLICE_FRACTION * self.ttft_slo_s))
         self.counters.grants[grant.reason] = self.counters.grants.get(grant.reason, 0) + 1
         return grant
 
-    def predicted_slice_s(self, tokens: int) -> float:
-        return self.seconds_per_token_layer * max(tokens, 1)
+    def still_granted(self, grant: Grant) -> bool:
+        """Between two slices: is the situation the grant was given for still the same?"""
+        if self.waiting > 0 or self.prefill_running:
+            return False
+        return (self.running > 0) == (grant.reason == "decode")
 
-    def observe_slice(self, tokens: int, seconds: float, while_serving: bool = True) -> None:
-        """Learn the slice cost; a slice run while requests are served spends share credit."""
-        if while_serving:
-            self._share_credit_s -= seconds
-        self.counters.slices_run += 1
-        self.counters.training_seconds += seconds
-        if tokens > 0 and seconds > 0:
-            observed = seconds / tokens
-            self.seconds_per_token_layer = (1 - SMOOTHING) * self.seconds_per_token_layer + SMOOTHING * observed
-
-    def observe_grant_use(self, grant: Grant, slices: int, deferred: bool) -> None:
-        if slices:
-            self.counters.slices_by_grant[grant.reason] = self.counters.slices_by_grant.get(grant.reason, 0) + slices
-            self.counters.grants_used += 1
-            self.counters.slices_per_used_grant_total += slices
-            self.counters.max_slices_per_grant = max(self.counters.max_slices_per_grant, slices)
-        if deferred:
-            self.counters.slices_deferred += 1
+    def observe_slice(self, grant: Grant, kind: str, rows: int, context: int, seconds: float) -> None:
+        self.cost.observe(kind, rows, context, seconds)
+        with self._lock:
+            self.counters.slices_run += 1
+            self.counters.training_seconds += seconds
+            self.counters.slices_by_grant[grant.reason] = self.counters.slices_by_grant.get(grant.reason, 0) + 1
+            if grant.reason == "decode":
+                self.counters.longest_decode_slice_s = max(self.counters.longest_decode_slice_s, seconds)
 
     def set_targets(self, tpot_slo_s: float | None = None, ttft_slo_s: float | None = None,
                     train_share: float | None = None) -> None:
@@ -182,37 +168,37 @@ class SloController:
             self.ttft_slo_s = ttft_slo_s
         if train_share is not None:
             self.train_share = train_share
+            self.duty = min(self.duty, train_share)
 
     # --- status -------------------------------------------------------------------------------
 
     def status(self) -> dict:
         c = self.counters
         wall = max(time.monotonic() - self._started, 1e-9)
-        busy = c.training_seconds + c.serving_seconds
+        recent = sorted(self._recent_tpot)
         return {
             "tpot_slo_ms": self.tpot_slo_s * 1000,
             "ttft_slo_ms": self.ttft_slo_s * 1000,
             "train_share_cap": self.train_share,
+            "decode_duty": self.duty,
             "decode_steps": c.decode_steps,
             "decode_steps_within_slo": c.decode_steps_within_slo,
             "slo_attainment": c.decode_steps_within_slo / c.decode_steps if c.decode_steps else None,
+            "recent_tpot_p50_ms": recent[len(recent) // 2] * 1000 if recent else None,
             "worst_tpot_ms": c.worst_tpot_s * 1000,
             "first_tokens": c.first_tokens,
             "first_tokens_within_slo": c.first_tokens_within_slo,
             "ttft_attainment": c.first_tokens_within_slo / c.first_tokens if c.first_tokens else None,
             "worst_ttft_ms": c.worst_ttft_s * 1000,
-            "predicted_decode_step_ms": None if self.decode_step_s is None else self.decode_step_s * 1000,
-            "predicted_prefill_per_gap_ms": self.prefill_per_gap_s * 1000,
-            "seconds_per_token_layer": self.seconds_per_token_layer,
             "training_seconds": c.training_seconds,
             "serving_seconds": c.serving_seconds,
-            "training_time_share": c.training_seconds / busy if busy else 0.0,
             "training_wall_share": c.training_seconds / wall,
-            "share_credit_ms": self._share_credit_s * 1000,
             "slices_run": c.slices_run,
-            "slices_deferred": c.slices_deferred,
-            "mean_slices_per_grant": c.slices_per_used_grant_total / c.grants_used if c.grants_used else 0.0,
-            "max_slices_per_grant": c.max_slices_per_grant,
+            "longest_decode_slice_ms": c.longest_decode_slice_s * 1000,
+            "max_decode_slice_ms": SLICE_FRACTION * self.tpot_slo_s * 1000,
             "grants": dict(c.grants),
             "slices_by_grant": dict(c.slices_by_grant),
+            "cost_model": self.cost.status(),
+            "running": self.running,
+            "waiting": self.waiting,
         }

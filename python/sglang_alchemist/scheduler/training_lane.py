@@ -1,212 +1,276 @@
-"""The training lane of the scheduler: a queue of feedback items and a resumable optimizer step.
+"""The training lane: queued feedback -> one update each (``LearningCore``), slice by slice -> versions.
 
-The scheduler gives the lane a time budget after each serving batch and while idle
-(``scheduler/controller.py`` decides how much). ``run(budget_s)`` advances the current step
-one slice at a time (a layer of one sample's forward or backward, see ``training/step.py``)
-until the budget is spent; a step left unfinished continues at the next call, so no work is
-lost between serving batches. When a step completes, the optimizer has stepped; every
-``--alchemist-publish-every`` steps the adapter is published as a new version and the journal
-marks the step's feedback records ``trained`` in that version.
+The lane belongs to the training thread (``scheduler/worker.py``), which calls
+:meth:`TrainingLane.run` with a grant from the SLO controller; ``run`` advances the current
+update one slice at a time while the grant lasts, sizing every slice with the controller's
+cost model so that it fits the grant's longest slice. An update left unfinished continues at
+the next grant: no work is lost between serving batches.
 
-Batching: a step starts with up to ``--alchemist-batch-samples`` queued items, as soon as the
-queue holds that many, or once the oldest item has waited ``BATCH_WAIT_S``, or at once when
-the engine is idle.
+When an update finishes:
+
+- **accepted** by the publish gate: its state is handed to the publisher (a writer thread) as
+  the next version every ``--alchemist-publish-every`` accepted updates - and when the queue
+  runs dry, so no trained feedback waits for a version while the server is idle. The journal
+  marks the feedback ``trained`` once the version is durable (``scheduler/publisher.py``);
+- **rejected**: the weights are already back at the last accepted state; the feedback is
+  journaled ``rejected`` with the gate's reason, and training goes on from there.
+
+Items are queued by the scheduler thread (``enqueue`` never waits for a slice); every other
+change (rollback, debug gradients) takes :attr:`lock`, which the training thread holds only
+during one slice.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 
 from sglang_alchemist.feedback.journal import Journal
+from sglang_alchemist.scheduler.controller import Grant, SloController
+from sglang_alchemist.scheduler.publisher import Publisher, PublishJob
+from sglang_alchemist.training.lane_core import LearningCore, UpdateOutcome
 from sglang_alchemist.training.step import SliceInfo
-from sglang_alchemist.training.trainer import StepOutcome, Trainer, TrainingItem
-from sglang_alchemist.training.versions import VersionInfo
+from sglang_alchemist.training.trainer import TrainingItem
 
 logger = logging.getLogger(__name__)
 
-BATCH_WAIT_S = 2.0
 MAX_ATTEMPTS = 2
+PUBLISH = "publish"
 
 
 @dataclass
 class LaneCounters:
     items_enqueued: int = 0
     items_dropped: int = 0
+    updates_completed: int = 0
+    updates_rejected: int = 0
     slices_run: int = 0
-    steps_completed: int = 0
-    versions_published: int = 0
     busy_seconds: float = 0.0
-    last_slice_seconds: float = 0.0
-    slice_kinds: dict = field(default_factory=lambda: {"forward": 0, "head": 0, "backward": 0})
+    slice_kinds: dict = field(default_factory=dict)
+    last_update: dict | None = None
+    feedback_to_version_s: list = field(default_factory=list)  # enqueue -> version submitted, recent
+
+
+class _Planner:
+    """Rows per slice from the controller's cost model, for the current grant's longest slice."""
+
+    def __init__(self, controller: SloController) -> None:
+        self.controller = controller
+        self.max_slice_s = 0.05
+
+    def rows(self, kind: str, layer: int, total: int, context: int) -> int:
+        return self.controller.cost.rows_for(kind, self.max_slice_s, context, total)
 
 
 class TrainingLane:
-    def __init__(self, trainer: Trainer, journal: Journal, batch_samples: int, publish_every: int,
-                 on_publish: Callable[[VersionInfo], None], release_sample: Callable[[object], None]) -> None:
-        self.trainer = trainer
+    def __init__(self, core: LearningCore, journal: Journal, publisher: Publisher, publish_every: int,
+                 release_sample: Callable[[object], None]) -> None:
+        self.core = core
         self.journal = journal
-        self.batch_samples = batch_samples
+        self.publisher = publisher
         self.publish_every = publish_every
-        self.on_publish = on_publish
         self.release_sample = release_sample
         self.queue: deque[TrainingItem] = deque()
         self.paused = False
         self.counters = LaneCounters()
+        self.lock = threading.RLock()  # held by the training thread during one slice
         self._known: set[str] = set()
-        self._step: Generator[SliceInfo, None, StepOutcome] | None = None
-        self._step_items: list[TrainingItem] = []
-        self._trained_unpublished: list[str] = []
-        self.last_outcome: StepOutcome | None = None
+        self._known_lock = threading.Lock()
+        self._update: Generator[SliceInfo, None, UpdateOutcome] | None = None
+        self._item: TrainingItem | None = None
+        self._accepted: list[UpdateOutcome] = []  # accepted updates not yet handed to the publisher
+        self.wake = threading.Event()
+        self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self.cluster = None  # replicas: ``cluster/lockstep.py`` runs the updates in lockstep rounds
 
-    # --- queue ------------------------------------------------------------------------------
+    # --- jobs: control operations that must run in the training thread ------------------------------
+
+    def submit_job(self, job: Callable[[], None]) -> None:
+        """Run ``job`` in the training thread before its next slice (it sends its own reply)."""
+        self._jobs.put(job)
+        self.wake.set()
+
+    def run_jobs(self) -> None:
+        while True:
+            try:
+                job = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            with self.lock:
+                job()
+
+    # --- queue (scheduler thread) ---------------------------------------------------------------
 
     def enqueue(self, item: TrainingItem) -> bool:
-        """Queue an item; False if it was already known or cannot be trained (journaled as dropped)."""
-        if item.feedback_id in self._known:
-            return False
-        self._known.add(item.feedback_id)
-        reason = None
-        if not item.target_ids:
-            reason = "empty_target"
-        elif self.trainer.too_long(item):
-            reason = "too_long"
-        if reason is not None:
-            self.journal.mark_dropped([item.feedback_id], reason)
-            self.counters.items_dropped += 1
-            self._release(item)
-            return False
+        """Queue an item; False if it was already known. Never waits for the training thread."""
+        with self._known_lock:
+            if item.feedback_id in self._known:
+                return False
+            self._known.add(item.feedback_id)
         self.queue.append(item)
         self.counters.items_enqueued += 1
+        self.wake.set()
         return True
+
+    def knows(self, feedback_id: str) -> bool:
+        with self._known_lock:
+            return feedback_id in self._known
+
+    def has_work(self) -> bool:
+        if self.cluster is not None:
+            return not self.paused and self.cluster.has_work()
+        return not self.paused and (self._update is not None or bool(self.queue) or bool(self._accepted))
 
     @property
     def step_in_progress(self) -> bool:
-        return self._step is not None
+        return self._update is not None
 
-    def has_work(self) -> bool:
-        return not self.paused and (self._step is not None or bool(self.queue))
+    # --- running (training thread) --------------------------------------------------------------
 
-    def ready_to_start(self, idle: bool, now: float | None = None) -> bool:
-        if not self.queue:
-            return False
-        now = time.monotonic() if now is None else now
-        return idle or len(self.queue) >= self.batch_samples or now - self.queue[0].enqueued_at >= BATCH_WAIT_S
-
-    # --- running -----------------------------------------------------------------------------
-
-    def next_slice_tokens(self) -> int:
-        """Rough size of the next slice (tokens through one layer), for the cost model."""
-        items = self._step_items or list(self.queue)[: self.batch_samples]
-        if not items:
-            return 0
-        item = items[0]
-        return len(item.prompt_ids) + len(item.target_ids)
-
-    def run_one_slice(self, idle: bool) -> SliceInfo | None:
-        """Advance training by one slice; None when there is nothing to do right now."""
-        if self.paused:
-            return None
-        if self._step is None:
-            if not self.ready_to_start(idle):
-                return None
-            self._step_items = [self.queue.popleft() for _ in range(min(self.batch_samples, len(self.queue)))]
-            self._step = self.trainer.step(self._step_items)
-        started = time.perf_counter()
-        try:
-            info = next(self._step)
-        except StopIteration as finished:
-            self._complete(finished.value)
-            info = SliceInfo("optimizer", -1, 0)
-        except Exception:
-            logger.exception("sglang_alchemist: a training step failed; its items are requeued")
-            self._abandon_step()
-            raise
-        elapsed = time.perf_counter() - started
-        self.counters.slices_run += 1
-        self.counters.busy_seconds += elapsed
-        self.counters.last_slice_seconds = elapsed
-        if info.phase in self.counters.slice_kinds:
-            self.counters.slice_kinds[info.phase] += 1
-        return info
-
-    def run(self, budget_s: float, idle: bool) -> float:
-        """Run slices until ``budget_s`` is spent; returns the seconds used."""
-        started = time.perf_counter()
-        while time.perf_counter() - started < budget_s:
-            if self.run_one_slice(idle) is None:
+    def run(self, grant: Grant, controller: SloController) -> int:
+        """Run slices while ``grant`` lasts and the controller still allows it; returns slices run."""
+        planner = _Planner(controller)
+        planner.max_slice_s = grant.max_slice_s
+        deadline = time.monotonic() + grant.budget_s
+        slices = 0
+        while not self.paused and time.monotonic() < deadline and controller.still_granted(grant):
+            started = time.perf_counter()
+            with self.lock:
+                info = self._next_slice(planner)
+            if info is None:
                 break
-        return time.perf_counter() - started
+            elapsed = time.perf_counter() - started
+            controller.observe_slice(grant, info.kind, info.rows, info.context, elapsed)
+            self.counters.slices_run += 1
+            self.counters.busy_seconds += elapsed
+            self.counters.slice_kinds[info.kind] = self.counters.slice_kinds.get(info.kind, 0) + 1
+            slices += 1
+        return slices
 
-    def flush_publish(self) -> VersionInfo | None:
-        """Publish now if trained steps are waiting for a version (e.g. on an explicit request)."""
-        if self.trainer.steps_since_publish == 0:
-            return None
-        return self._publish()
+    def _next_slice(self, planner) -> SliceInfo | None:
+        if self.cluster is not None:
+            return self.cluster.next_slice(planner)
+        if self._update is None:
+            if self._accepted and (not self.queue or len(self._accepted) >= self.publish_every):
+                return self._publish()
+            if not self.queue or self.publisher.full:
+                return None
+            item = self.queue.popleft()
+            reason = self._unusable(item)
+            if reason is not None:
+                self._drop(item, reason)
+                return SliceInfo("drop", -1, 0)
+            self._item = item
+            self._update = self.core.update(item, planner)
+        try:
+            return next(self._update)
+        except StopIteration as finished:
+            self._finish(finished.value)
+            return SliceInfo("update_done", -1, 0)
+        except Exception:
+            logger.exception("sglang_alchemist: a training update failed; its feedback is retried")
+            self._abandon(failed=True)
+            return SliceInfo("update_failed", -1, 0)
 
-    def _complete(self, outcome: StepOutcome) -> None:
-        self._step, items, self._step_items = None, self._step_items, []
-        self.last_outcome = outcome
-        self.counters.steps_completed += 1
-        self._trained_unpublished += [item.feedback_id for item in items]
-        for item in items:
-            self._release(item)
-        if self.trainer.steps_since_publish >= self.publish_every:
-            self._publish()
+    def _unusable(self, item: TrainingItem) -> str | None:
+        if not item.target_ids:
+            return "empty_target"
+        if self.core.trainer.too_long(item):
+            return "too_long"
+        return None
 
-    def _publish(self) -> VersionInfo:
-        info = self.trainer.publish()
-        self.journal.mark_trained(self._trained_unpublished, info.version)
-        self._trained_unpublished = []
-        self.counters.versions_published += 1
-        self.on_publish(info)
-        return info
+    def _drop(self, item: TrainingItem, reason: str) -> None:
+        self.journal.mark_dropped([item.feedback_id], reason)
+        self.counters.items_dropped += 1
+        self._release(item)
 
-    def _abandon_step(self, failed: bool = True) -> None:
-        """Put an unfinished step's items back (they train by recomputation), clear its gradients.
+    def _finish(self, outcome: UpdateOutcome) -> None:
+        item = outcome.item
+        self._update, self._item = None, None
+        self._release(item)
+        self.counters.updates_completed += 1
+        self.counters.last_update = outcome.public()
+        if outcome.accepted:
+            self._accepted.append(outcome)
+        else:
+            self.counters.updates_rejected += 1
+            self.journal.mark_rejected([item.feedback_id], outcome.gate.reason if outcome.gate else "gate")
+            logger.warning("sglang_alchemist: feedback %s not published: %s", item.feedback_id,
+                           outcome.gate.reason if outcome.gate else "gate")
 
-        An item whose step failed twice is dropped (journaled with reason ``training_error``)
-        rather than retried forever.
-        """
-        self.trainer.adapter.zero_grad()
-        for item in reversed(self._step_items):
-            self._release(item)
-            item.attempts += int(failed)
-            if item.attempts >= MAX_ATTEMPTS:
-                self.journal.mark_dropped([item.feedback_id], "training_error")
-                self.counters.items_dropped += 1
-            else:
-                self.queue.appendleft(item)
-        self._step, self._step_items = None, []
+    def _publish(self) -> SliceInfo:
+        accepted, self._accepted = self._accepted, []
+        snapshot = self.core.good
+        items = [outcome.item for outcome in accepted]
+        self.publisher.submit(PublishJob(
+            snapshot=snapshot, feedback_ids=[item.feedback_id for item in items], samples=len(items),
+            tokens=sum(len(item.target_ids) for item in items),
+            recent_loss=accepted[-1].losses[-1] if accepted[-1].losses else None,
+        ))
+        now = time.monotonic()
+        waits = self.counters.feedback_to_version_s
+        waits += [now - item.enqueued_at for item in items]
+        del waits[:-100]
+        return SliceInfo(PUBLISH, -1, len(items))
 
-    def discard_unpublished(self) -> None:
-        """After a rollback: drop the unpublished trained steps; requeue the unfinished step's items.
-
-        Steps trained since the last publish changed weights that the rollback threw away; their
-        feedback is journaled as dropped (``rolled_back``) rather than trained again, since the
-        rollback says the recent learning was unwanted. Items of an unfinished step never
-        changed any weight, so they stay queued.
-        """
-        if self._step is not None:
-            self._step.close()
-            self._abandon_step(failed=False)
-        self.journal.mark_dropped(self._trained_unpublished, "rolled_back")
-        self.counters.items_dropped += len(self._trained_unpublished)
-        self._trained_unpublished = []
+    def _abandon(self, failed: bool) -> None:
+        """Put an unfinished update's item back (it is retried), restoring the last accepted weights."""
+        item = self._item
+        if self._update is not None:
+            self._update.close()
+        self._update, self._item = None, None
+        self.core.trainer.restore(self.core.good)
+        if item is None:
+            return
+        item.attempts += int(failed)
+        if item.attempts >= MAX_ATTEMPTS:
+            self._drop(item, "training_error")
+        else:
+            self.queue.appendleft(item)
 
     def _release(self, item: TrainingItem) -> None:
         if item.sample is not None:
             self.release_sample(item.sample)
             item.sample = None
 
+    # --- control (scheduler thread, under ``lock``) ------------------------------------------------
+
+    def discard_unpublished(self) -> list[str]:
+        """Before a rollback: stop the current update (its item stays queued) and forget accepted
+        updates not yet published (journaled as dropped, ``rolled_back``: the rollback says the
+        recent learning was unwanted). Returns the dropped feedback ids."""
+        with self.lock:
+            if self._update is not None:
+                self._abandon(failed=False)
+            dropped = [outcome.item.feedback_id for outcome in self._accepted]
+            self._accepted = []
+            self.journal.mark_dropped(dropped, "rolled_back")
+            self.counters.items_dropped += len(dropped)
+            return dropped
+
     def status(self) -> dict:
+        waits = self.counters.feedback_to_version_s
         return {
             "paused": self.paused,
             "queue_depth": len(self.queue),
-            "step_in_progress": self._step is not None,
-            "trained_unpublished": len(self._trained_unpublished),
-            **{k: v for k, v in self.counters.__dict__.items()},
+            "step_in_progress": self._update is not None or (self.cluster is not None and self.cluster.in_round),
+            "trained_unpublished": len(self._accepted) + self.publisher.pending,
+            "items_enqueued": self.counters.items_enqueued,
+            "items_dropped": self.counters.items_dropped,
+            "updates_completed": self.counters.updates_completed,
+            "updates_rejected": self.counters.updates_rejected,
+            "slices_run": self.counters.slices_run,
+            "busy_seconds": self.counters.busy_seconds,
+            "slice_kinds": dict(self.counters.slice_kinds),
+            "last_update": self.counters.last_update,
+            "mean_feedback_to_version_s": sum(waits) / len(waits) if waits else None,
+            "replay_memory": len(self.core.memory),
+            "gate": self.core.gate_counters(),
+            "publisher": self.publisher.status(),
+            **({"cluster": self.cluster.status()} if self.cluster is not None else {}),
         }

@@ -9,6 +9,11 @@ fp32 and are cast to the activation dtype per matmul.
 of keys/values (the prompt, for the target tokens of a training sample) and can also return
 the intermediate values that serving records, which is how recorded activations are produced
 without SGLang (tests, the GPU benchmark) and how a layer is recomputed from its input.
+
+With ``tp`` (``tensor_parallel.TensorParallel``), ``weights``/``geometry``/``lora`` are one
+rank's shard and the layer runs the Megatron way SGLang serves it: column-parallel q/k/v and
+gate/up on the replicated input, row-parallel o/down whose base output and LoRA-A partial are
+all-reduced; see ``tensor_parallel`` for where each collective sits.
 """
 
 from __future__ import annotations
@@ -20,6 +25,13 @@ import torch.nn.functional as F
 
 from sglang_alchemist.memory.records import LayerTensors
 from sglang_alchemist.training.model_spec import LayerWeights, ModelGeometry
+from sglang_alchemist.training.tensor_parallel import (
+    TensorParallel,
+    active_tp,
+    copy_to_tp,
+    graph_lora,
+    reduce_from_tp,
+)
 
 LoraPair = tuple[torch.Tensor, torch.Tensor]  # (A [rank, in], B [out, rank])
 
@@ -31,11 +43,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * x32.to(dtype)
 
 
-def lora_delta(x: torch.Tensor, pair: LoraPair | None, scale: float) -> torch.Tensor | None:
+def lora_delta(
+    x: torch.Tensor, pair: LoraPair | None, scale: float, tp: TensorParallel | None = None
+) -> torch.Tensor | None:
+    """``scale * (x A^T) B^T``; with ``tp`` (a row-parallel projection: x and A are the rank's
+    input columns) the A-partial ``x A^T`` is all-reduced before B, as SGLang does."""
     if pair is None:
         return None
     a, b = pair
-    return (x @ a.to(x.dtype).t()) @ b.to(x.dtype).t() * scale
+    if active_tp(tp) is None:
+        return (x @ a.to(x.dtype).t()) @ b.to(x.dtype).t() * scale
+    return reduce_from_tp(x @ a.to(x.dtype).t(), tp) @ b.to(x.dtype).t() * scale
 
 
 def linear(
@@ -43,6 +61,18 @@ def linear(
 ) -> torch.Tensor:
     y = F.linear(x, weight, bias)
     delta = lora_delta(x, pair, scale)
+    return y if delta is None else y + delta
+
+
+def row_parallel_linear(
+    x: torch.Tensor, weight: torch.Tensor, pair: LoraPair | None, scale: float, tp: TensorParallel | None
+) -> torch.Tensor:
+    """o_proj/down_proj (no bias): :func:`linear`, or with ``tp`` the rank's input columns with the
+    base output and the LoRA-A partial all-reduced (SGLang's ``RowParallelLinearWithLoRA``)."""
+    if active_tp(tp) is None:
+        return linear(x, weight, None, pair, scale)
+    y = reduce_from_tp(F.linear(x, weight), tp)
+    delta = lora_delta(x, pair, scale, tp)
     return y if delta is None else y + delta
 
 
@@ -92,18 +122,25 @@ def project_qkv(
     return q, k, v
 
 
+def rotate_k(
+    k: torch.Tensor, weights: LayerWeights, geometry: ModelGeometry, cos: torch.Tensor, sin: torch.Tensor,
+) -> torch.Tensor:
+    """Flat k projection -> [T, kv_heads, D] after the optional per-head norm and RoPE."""
+    k = k.view(k.shape[0], geometry.num_kv_heads, geometry.head_dim)
+    if weights.k_norm is not None:
+        k = rms_norm(k, weights.k_norm, geometry.rms_norm_eps)
+    return apply_rope(k, cos, sin)
+
+
 def rotate_qk(
     q: torch.Tensor, k: torch.Tensor, weights: LayerWeights, geometry: ModelGeometry,
     cos: torch.Tensor, sin: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Flat q/k projections -> [T, heads, D] after the optional per-head norm and RoPE."""
-    tokens = q.shape[0]
-    q = q.view(tokens, geometry.num_heads, geometry.head_dim)
-    k = k.view(tokens, geometry.num_kv_heads, geometry.head_dim)
+    q = q.view(q.shape[0], geometry.num_heads, geometry.head_dim)
     if weights.q_norm is not None:
         q = rms_norm(q, weights.q_norm, geometry.rms_norm_eps)
-        k = rms_norm(k, weights.k_norm, geometry.rms_norm_eps)
-    return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    return apply_rope(q, cos, sin), rotate_k(k, weights, geometry, cos, sin)
 
 
 def decoder_layer(
@@ -117,21 +154,24 @@ def decoder_layer(
     prefix_k: torch.Tensor | None = None,
     prefix_v: torch.Tensor | None = None,
     keep_intermediates: bool = False,
+    tp: TensorParallel | None = None,
 ) -> LayerOutput:
     eps = geometry.rms_norm_eps
+    tp = active_tp(tp)
+    lora = graph_lora(lora, tp, geometry)
     xn = rms_norm(x, weights.input_norm, eps)
-    q, k, v = project_qkv(xn, weights, lora, scale)
+    q, k, v = project_qkv(copy_to_tp(xn, tp), weights, lora, scale)
     q_rot, k_rot = rotate_qk(q, k, weights, geometry, cos, sin)
     v_heads = v.view(x.shape[0], geometry.num_kv_heads, geometry.head_dim)
     prefix_len = 0 if prefix_k is None else prefix_k.shape[0]
     keys = k_rot if prefix_k is None else torch.cat([prefix_k, k_rot])
     values = v_heads if prefix_v is None else torch.cat([prefix_v, v_heads])
     attn_out = attention(q_rot, keys, values, prefix_len)
-    h = x + linear(attn_out, weights.o, None, lora.get("o_proj"), scale)
-    hn = rms_norm(h, weights.post_norm, eps)
+    h = x + row_parallel_linear(attn_out, weights.o, lora.get("o_proj"), scale, tp)
+    hn = copy_to_tp(rms_norm(h, weights.post_norm, eps), tp)
     gate = linear(hn, weights.gate, None, lora.get("gate_proj"), scale)
     up = linear(hn, weights.up, None, lora.get("up_proj"), scale)
-    out = h + linear(F.silu(gate) * up, weights.down, None, lora.get("down_proj"), scale)
+    out = h + row_parallel_linear(F.silu(gate) * up, weights.down, lora.get("down_proj"), scale, tp)
     intermediates = None
     if keep_intermediates:
         intermediates = LayerTensors(

@@ -39,6 +39,10 @@ class ModelGeometry:
     has_qk_norm: bool
     has_qkv_bias: bool
     tied_embeddings: bool
+    # Tensor parallelism (``tensor_parallel.ShardLayout.local_geometry``): a rank's shard has
+    # ``num_heads``/``num_kv_heads``/``intermediate_size`` of its own, and when there are fewer
+    # KV heads than ranks, each KV head is held by this many ranks. 1 for a whole model.
+    kv_head_replicas: int = 1
 
     @property
     def q_size(self) -> int:
@@ -108,6 +112,9 @@ class FrozenModel:
     final_norm: torch.Tensor
     lm_head: torch.Tensor
     rotary: torch.nn.Module  # transformers' rotary embedding for this config (cos/sin source)
+    # Tensor parallelism: ``embed``/``lm_head`` hold the vocabulary rows [vocab_start, vocab_start
+    # + rows) of this rank's shard (SGLang's VocabParallelEmbedding); 0 for a whole model.
+    vocab_start: int = 0
 
     @property
     def dtype(self) -> torch.dtype:

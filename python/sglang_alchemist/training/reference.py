@@ -16,6 +16,7 @@ from sglang_alchemist.memory.records import LAYER_TENSORS
 from sglang_alchemist.training.layers import decoder_layer
 from sglang_alchemist.training.lora import LoraAdapter
 from sglang_alchemist.training.model_spec import FrozenModel
+from sglang_alchemist.training.tensor_parallel import TensorParallel, embed_tokens
 
 
 class InMemoryActivations:
@@ -26,6 +27,17 @@ class InMemoryActivations:
         self.device = torch.device(device)
         self.num_tokens = layers[0]["x"].shape[0]
         self.host_layers: set[int] = set()
+        self._segments = [(0, self.num_tokens)]
+
+    def forget_rows(self, start: int, end: int) -> None:
+        """Make positions [start, end) unrecorded, as decode steps or an eviction would."""
+        kept = []
+        for a, b in self._segments:
+            if a < start:
+                kept.append((a, min(b, start)))
+            if b > end:
+                kept.append((max(a, end), b))
+        self._segments = [(a, b) for a, b in kept if b > a]
 
     def move_to_host(self, layers) -> None:
         """Put these layers in the host tier (pinned CPU memory when the device is CUDA)."""
@@ -36,9 +48,12 @@ class InMemoryActivations:
                 }
             self.host_layers.add(layer)
 
-    def load(self, layer: int, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    def segments(self) -> list[tuple[int, int]]:
+        return list(self._segments)
+
+    def load(self, layer: int, names: tuple[str, ...], start: int, end: int) -> dict[str, torch.Tensor]:
         tensors = self.layers[layer]
-        return {name: tensors[name].to(self.device, non_blocking=True) for name in names}
+        return {name: tensors[name][start:end].to(self.device, non_blocking=True) for name in names}
 
     def prefetch(self, layer: int, names: tuple[str, ...]) -> None:
         return None
@@ -51,8 +66,9 @@ class InMemoryActivations:
             return 0
         return sum(self.layers[layer][n].numel() * self.layers[layer][n].element_size() for n in names)
 
-    def final_hidden(self) -> torch.Tensor:
-        return self._final_hidden
+    def final_hidden(self) -> torch.Tensor | None:
+        recorded_last = bool(self._segments) and self._segments[-1][1] == self.num_tokens
+        return self._final_hidden if recorded_last else None
 
     @property
     def nbytes(self) -> int:
@@ -60,16 +76,19 @@ class InMemoryActivations:
 
 
 @torch.no_grad()
-def record_prompt(model: FrozenModel, adapter: LoraAdapter | None, prompt_ids: list[int]) -> InMemoryActivations:
+def record_prompt(model: FrozenModel, adapter: LoraAdapter | None, prompt_ids: list[int],
+                  tp: TensorParallel | None = None) -> InMemoryActivations:
+    """``tp``: ``model``/``adapter`` are a rank's shards and the record is what that rank's
+    capture keeps (``x``/``h`` whole, the rest the rank's shards); every rank calls it."""
     geometry = model.geometry
     prompt = torch.tensor(prompt_ids, device=model.device)
     cos, sin = model.rotary_cos_sin(torch.arange(len(prompt_ids)))
-    hidden = model.embed[prompt]
+    hidden = embed_tokens(model, prompt, tp)
     layers = []
     for index, weights in enumerate(model.layers):
         lora = adapter.layer(index) if adapter is not None else {}
         scale = adapter.spec.scale if adapter is not None else 0.0
-        output = decoder_layer(hidden, weights, geometry, lora, scale, cos, sin, keep_intermediates=True)
+        output = decoder_layer(hidden, weights, geometry, lora, scale, cos, sin, keep_intermediates=True, tp=tp)
         layers.append({name: getattr(output.intermediates, name).contiguous() for name in LAYER_TENSORS})
         hidden = output.out
     return InMemoryActivations(layers, hidden[-1:].contiguous(), model.device)

@@ -1,4 +1,4 @@
-"""The replay: back-propagate through a prompt layer using its recorded values, no forward.
+"""The replay: back-propagate through a prompt layer from its recorded values, no forward.
 
 For a prompt token, serving already computed every value of the layer. The backward needs
 those values, not the computation, so each expensive op becomes an autograd function whose
@@ -9,16 +9,37 @@ forward *returns the recorded output* and whose backward is the op's real backwa
   (so the output stays exactly the record, which already contains the served adapter's
   contribution) while autograd differentiates it, giving the LoRA gradients and their share
   of ``dx``. The LoRA matmuls are rank-r, so recomputing them is cheap.
-- ``_ReplayedAttention``: forward returns the recorded attention output; backward is a math
-  attention backward that recomputes the softmax from q and k one block of queries at a time.
 - ``_ReplayedSum`` (residual adds): forward returns the recorded sum; backward passes ``dy`` to
   both inputs.
+- The prompt's self-attention is not an autograd op at all: :func:`attention_backward` is its
+  math backward, run explicitly between the two halves of the layer (below), recomputing the
+  softmax from recorded q and k one block of queries at a time (no log-sum-exp is needed).
 
 Cheap elementwise ops (RMSNorm, RoPE, Qwen3's q/k norms, SiLU·up) are recomputed from
-recorded inputs by ordinary autograd. :func:`replay_layer_backward` builds this small graph
-for one layer, runs one backward from the gradient of the layer's output and the gradients of
-its keys/values (from the target tokens, which attend to the prompt), accumulates the LoRA
-gradients into the adapter's ``.grad`` and returns the gradient for the layer below.
+recorded inputs by ordinary autograd.
+
+**Rows.** :func:`replay_rows_backward` back-propagates the rows ``[a, b)`` of a prompt layer,
+so a layer's backward can be cut into slices that fit between serving batches. Processed from
+the last rows to the first, each call does, for its rows:
+
+1. the *post-attention half* (o_proj, residual, MLP) from the gradient of the rows' outputs:
+   gives the gradient of their attention output and the residual share of their input's;
+2. the attention backward of their queries over keys ``[0, b)`` (causal), adding the gradients
+   of all those keys and values into the layer's accumulators - rows after ``b`` were done
+   before, so the rows' own key/value gradients are complete once this step ends;
+3. the *pre-attention half* (input norm, q/k/v projections, RoPE) from the gradients of their
+   queries, keys and values: gives the norm share of their input's gradient.
+
+The LoRA gradients of all seven projections accumulate in the adapter's ``.grad``. With
+``[a, b) = [0, P)`` it is the whole layer in one piece; any cut gives the same gradients.
+
+**Tensor parallelism** (``tp``): the record is the rank's (``x``/``h`` whole, the rest its
+shards) and so are the weights and LoRA pairs. The collectives of ``tensor_parallel`` go where
+Megatron puts them: the inputs of the column-parallel q/k/v and gate/up (``xn``, ``hn``) get
+their gradients all-reduced, and so do the replicated LoRA A of those projections; the
+row-parallel o/down LoRA A-partial is all-reduced in the rebuilt forward (the replicated B's
+gradient needs it); the replayed row-parallel base outputs need nothing (their input gradient
+``dy W_shard`` is the rank's own). The attention backward is per head: local.
 """
 
 from __future__ import annotations
@@ -31,13 +52,14 @@ import torch.nn.functional as F
 from sglang_alchemist.memory.records import LayerTensors
 from sglang_alchemist.training.layers import (
     LoraPair,
-    apply_rope,
     decoder_layer,
     lora_delta,
     rms_norm,
+    rotate_k,
     rotate_qk,
 )
 from sglang_alchemist.training.model_spec import LayerWeights, ModelGeometry
+from sglang_alchemist.training.tensor_parallel import TensorParallel, active_tp, copy_to_tp, graph_lora
 
 ATTENTION_QUERY_BLOCK = 128  # measured fastest on CPU (cache-sized score tiles)
 
@@ -75,70 +97,14 @@ class _ReplayedSum(torch.autograd.Function):
         return grad, grad, None
 
 
-class _ReplayedAttention(torch.autograd.Function):
-    """Causal GQA self-attention of the prompt; forward returns the recorded output."""
+def _plus_lora(
+    replayed: torch.Tensor, x: torch.Tensor, pair: LoraPair | None, scale: float, row_tp: TensorParallel | None = None
+) -> torch.Tensor:
+    """Add the LoRA path's gradient without changing the recorded value (see module doc).
 
-    @staticmethod
-    def forward(ctx, q, k, v, recorded_out):
-        ctx.save_for_backward(q, k, v, recorded_out)
-        return recorded_out.view_as(recorded_out)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        q, k, v, out = ctx.saved_tensors
-        grad_q, grad_k, grad_v = causal_attention_backward(q, k, v, out, grad_out)
-        return grad_q, grad_k, grad_v, None
-
-
-def causal_attention_backward(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
-    query_block: int = ATTENTION_QUERY_BLOCK,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Math backward of softmax(q k^T / sqrt(D)) v with a causal mask, blockwise over queries.
-
-    q: [P, H, D]; k, v: [P, G, D]; out, grad_out: [P, H*D]. The softmax is recomputed from q
-    and k (no log-sum-exp is stored); ``D_i = sum(dO_i * O_i)`` uses the recorded output.
-    Memory is bounded by one [H, block, P] score tile.
+    ``row_tp``: a row-parallel projection under tensor parallelism (its A-partial is all-reduced).
     """
-    tokens, heads, head_dim = q.shape
-    groups = heads // k.shape[1]
-    scale = 1.0 / math.sqrt(head_dim)
-    compute = torch.float32
-    q_h = q.transpose(0, 1).to(compute)  # [H, P, D]
-    k_h = k.repeat_interleave(groups, dim=1).transpose(0, 1).to(compute)
-    v_h = v.repeat_interleave(groups, dim=1).transpose(0, 1).to(compute)
-    out_h = out.view(tokens, heads, head_dim).transpose(0, 1).to(compute)
-    grad_out_h = grad_out.view(tokens, heads, head_dim).transpose(0, 1).to(compute)
-    grad_q_h = torch.empty_like(q_h)
-    grad_k_h = torch.zeros_like(k_h)
-    grad_v_h = torch.zeros_like(v_h)
-    row_dot = (grad_out_h * out_h).sum(-1, keepdim=True)  # [H, P, 1]
-    for start in range(0, tokens, query_block):
-        end = min(tokens, start + query_block)
-        scores = (q_h[:, start:end] @ k_h[:, :end].transpose(1, 2)) * scale  # [H, c, end]
-        key_pos = torch.arange(end, device=q.device)
-        query_pos = torch.arange(start, end, device=q.device)[:, None]
-        scores = scores.masked_fill(key_pos[None, :] > query_pos, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        grad_block = grad_out_h[:, start:end]
-        grad_v_h[:, :end] += probs.transpose(1, 2) @ grad_block
-        grad_probs = grad_block @ v_h[:, :end].transpose(1, 2)
-        grad_scores = probs * (grad_probs - row_dot[:, start:end]) * scale
-        grad_q_h[:, start:end] = grad_scores @ k_h[:, :end]
-        grad_k_h[:, :end] += grad_scores.transpose(1, 2) @ q_h[:, start:end]
-    kv_heads = k.shape[1]
-    grad_k = grad_k_h.view(kv_heads, groups, tokens, head_dim).sum(1).transpose(0, 1)
-    grad_v = grad_v_h.view(kv_heads, groups, tokens, head_dim).sum(1).transpose(0, 1)
-    return (
-        grad_q_h.transpose(0, 1).to(q.dtype),
-        grad_k.to(k.dtype),
-        grad_v.to(v.dtype),
-    )
-
-
-def _plus_lora(replayed: torch.Tensor, x: torch.Tensor, pair: LoraPair | None, scale: float) -> torch.Tensor:
-    """Add the LoRA path's gradient without changing the recorded value (see module doc)."""
-    delta = lora_delta(x, pair, scale)
+    delta = lora_delta(x, pair, scale, row_tp)
     return replayed if delta is None else replayed + (delta - delta.detach())
 
 
@@ -151,67 +117,134 @@ def _unread_output(rows: int, width: int, like: torch.Tensor) -> torch.Tensor:
     return like.new_zeros(1, 1).expand(rows, width)
 
 
-def prompt_keys_values(
+def attention_backward(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, grad_out: torch.Tensor,
+    query_offset: int, query_block: int = ATTENTION_QUERY_BLOCK,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Math backward of causal GQA attention for a run of queries over all keys before them.
+
+    q: [c, H, D] rotated queries at positions ``query_offset .. query_offset + c``; k, v:
+    [query_offset + c, G, D] (k rotated) at positions 0..; out, grad_out: [c, H*D]. Returns
+    dq [c, H, D] and dk, dv [query_offset + c, G, D]. The heads sharing a key/value head are
+    batched together (no repeated keys are materialised); the softmax is recomputed per block of
+    queries from q and k, and ``D_i = sum(dO_i * O_i)`` uses the recorded output.
+    """
+    rows, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    per_group = heads // kv_heads
+    scale = 1.0 / math.sqrt(head_dim)
+    compute = torch.float32
+    # [G, n, c, D]: head h = g * n + i shares key/value head g (transformers' repeat_kv layout)
+    q_g = q.to(compute).view(rows, kv_heads, per_group, head_dim).permute(1, 2, 0, 3)
+    out_g = out.to(compute).view(rows, kv_heads, per_group, head_dim).permute(1, 2, 0, 3)
+    grad_out_g = grad_out.to(compute).view(rows, kv_heads, per_group, head_dim).permute(1, 2, 0, 3)
+    k_g = k.to(compute).transpose(0, 1)  # [G, keys, D]
+    v_g = v.to(compute).transpose(0, 1)
+    row_dot = (grad_out_g * out_g).sum(-1, keepdim=True)  # [G, n, c, 1]
+    grad_q = torch.empty_like(q_g)
+    grad_k = torch.zeros_like(k_g)
+    grad_v = torch.zeros_like(v_g)
+    for start in range(0, rows, query_block):
+        end = min(rows, start + query_block)
+        block = end - start
+        visible = query_offset + end  # keys 0 .. visible-1 can be seen by some query of the block
+        q_block = q_g[:, :, start:end].reshape(kv_heads, per_group * block, head_dim)
+        grad_block = grad_out_g[:, :, start:end].reshape(kv_heads, per_group * block, head_dim)
+        scores = (q_block @ k_g[:, :visible].transpose(1, 2)) * scale  # [G, n*block, visible]
+        query_pos = (torch.arange(block, device=q.device) + query_offset + start).repeat(per_group)
+        key_pos = torch.arange(visible, device=q.device)
+        scores = scores.masked_fill(key_pos[None, :] > query_pos[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        grad_v[:, :visible] += probs.transpose(1, 2) @ grad_block
+        grad_probs = grad_block @ v_g[:, :visible].transpose(1, 2)
+        grad_scores = probs.mul_(grad_probs.sub_(row_dot[:, :, start:end].reshape(kv_heads, per_group * block, 1)))
+        grad_scores.mul_(scale)
+        grad_q[:, :, start:end] = (grad_scores @ k_g[:, :visible]).view(kv_heads, per_group, block, head_dim)
+        grad_k[:, :visible] += grad_scores.transpose(1, 2) @ q_block
+    return (
+        grad_q.permute(2, 0, 1, 3).reshape(rows, heads, head_dim).to(q.dtype),
+        grad_k.transpose(0, 1).to(k.dtype),
+        grad_v.transpose(0, 1).to(v.dtype),
+    )
+
+
+def rotated_keys_values(
     record_k: torch.Tensor, record_v: torch.Tensor, weights: LayerWeights, geometry: ModelGeometry,
     cos: torch.Tensor, sin: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prompt's keys after (norm and) RoPE, and values, as the target tokens attend to them."""
-    tokens = record_k.shape[0]
-    k = record_k.view(tokens, geometry.num_kv_heads, geometry.head_dim)
-    if weights.k_norm is not None:
-        k = rms_norm(k, weights.k_norm, geometry.rms_norm_eps)
-    return apply_rope(k, cos, sin), record_v.view(tokens, geometry.num_kv_heads, geometry.head_dim)
+    """Keys after (norm and) RoPE and values, [rows, kv_heads, head_dim], from recorded k and v."""
+    k_rot = rotate_k(record_k, weights, geometry, cos, sin)
+    return k_rot, record_v.view(record_v.shape[0], geometry.num_kv_heads, geometry.head_dim)
 
 
-def replay_layer_backward(
+def replay_rows_backward(
     record: LayerTensors,
+    start: int,
+    end: int,
     weights: LayerWeights,
     geometry: ModelGeometry,
     lora: dict[str, LoraPair],
     scale: float,
     cos: torch.Tensor,
     sin: torch.Tensor,
+    k_rot: torch.Tensor,
+    v: torch.Tensor,
     grad_out: torch.Tensor,
-    grad_k_rot: torch.Tensor | None,
-    grad_v: torch.Tensor | None,
+    grad_k: torch.Tensor,
+    grad_v: torch.Tensor,
     need_input_grad: bool,
+    tp: TensorParallel | None = None,
 ) -> torch.Tensor | None:
-    """Back-propagate one prompt layer from its record; LoRA grads accumulate in ``.grad``.
+    """Back-propagate rows ``[start, end)`` of one prompt layer from its record (module doc).
 
-    ``grad_out``: gradient of the layer's output residual ([P, hidden]); ``grad_k_rot`` and
-    ``grad_v``: gradients of the prompt keys/values from the target tokens' attention
-    ([P, kv_heads, head_dim]), or None when no target token attends. Returns the gradient of
-    the layer's input residual, or None when ``need_input_grad`` is False (the first layer:
-    nothing below it is trained).
+    ``record``: the layer's tensors for all prompt rows; ``cos``/``sin``: rotary tables of all
+    prompt rows; ``k_rot``/``v``: the rotated keys and values of all rows ([P, G, D], values,
+    no graph); ``grad_out``: gradient of the rows' output residual ([end-start, hidden]);
+    ``grad_k``/``grad_v``: the layer's key/value gradient accumulators ([P, G, D], post-RoPE),
+    updated in place for keys ``[0, end)``. Returns the gradient of the rows' input residual,
+    or None when ``need_input_grad`` is False (layer 0: nothing below it is trained).
+    With ``tp``, every rank calls it for the same rows (it runs collectives).
     """
     eps = geometry.rms_norm_eps
-    tokens = record.x.shape[0]
+    rows = end - start
+    span = slice(start, end)
+    tp = active_tp(tp)
     with torch.enable_grad():
-        x = record.x.detach().requires_grad_(need_input_grad)
-        xn = rms_norm(x, weights.input_norm, eps)
-        q, k, v = _ReplayedLinear.apply(xn, weights.qkv, record.q, record.k, record.v)
-        q = _plus_lora(q, xn, lora.get("q_proj"), scale)
-        k = _plus_lora(k, xn, lora.get("k_proj"), scale)
-        v = _plus_lora(v, xn, lora.get("v_proj"), scale)
-        q_rot, k_rot = rotate_qk(q, k, weights, geometry, cos, sin)
-        v_heads = v.view(tokens, geometry.num_kv_heads, geometry.head_dim)
-        attn_out = _ReplayedAttention.apply(q_rot, k_rot, v_heads, record.attn_out)
-        attn_proj = _ReplayedLinear.apply(attn_out, weights.o, _unread_output(tokens, geometry.hidden_size, x))
-        attn_proj = _plus_lora(attn_proj, attn_out, lora.get("o_proj"), scale)
-        h = _ReplayedSum.apply(x, attn_proj, record.h)
-        hn = rms_norm(h, weights.post_norm, eps)
+        lora = graph_lora(lora, tp, geometry)
+        # 1. post-attention half: o_proj, residual, MLP
+        x = record.x[span].detach().requires_grad_(need_input_grad)
+        attn_out = record.attn_out[span].detach().requires_grad_()
+        attn_proj = _ReplayedLinear.apply(attn_out, weights.o, _unread_output(rows, geometry.hidden_size, x))
+        attn_proj = _plus_lora(attn_proj, attn_out, lora.get("o_proj"), scale, tp)
+        h = _ReplayedSum.apply(x, attn_proj, record.h[span])
+        hn = copy_to_tp(rms_norm(h, weights.post_norm, eps), tp)
         gate, up = _ReplayedLinear.apply(
-            hn, weights.gate_up, *torch.split(record.gate_up, geometry.intermediate_size, dim=-1)
+            hn, weights.gate_up, *torch.split(record.gate_up[span], geometry.intermediate_size, dim=-1)
         )
         gate = _plus_lora(gate, hn, lora.get("gate_proj"), scale)
         up = _plus_lora(up, hn, lora.get("up_proj"), scale)
         gated = F.silu(gate) * up
-        down = _ReplayedLinear.apply(gated, weights.down, _unread_output(tokens, geometry.hidden_size, x))
-        down = _plus_lora(down, gated, lora.get("down_proj"), scale)
-        out = _ReplayedSum.apply(h, down, _unread_output(tokens, geometry.hidden_size, x))
+        down = _ReplayedLinear.apply(gated, weights.down, _unread_output(rows, geometry.hidden_size, x))
+        down = _plus_lora(down, gated, lora.get("down_proj"), scale, tp)
+        out = _ReplayedSum.apply(h, down, _unread_output(rows, geometry.hidden_size, x))
+        out.backward(grad_out)
 
-        pairs = [(out, grad_out), (k_rot, grad_k_rot), (v_heads, grad_v)]
-        backward_from(pairs)
+        # 2. attention backward of these queries over keys [0, end)
+        xn = copy_to_tp(rms_norm(x, weights.input_norm, eps), tp)
+        q, k, v_rows = _ReplayedLinear.apply(xn, weights.qkv, record.q[span], record.k[span], record.v[span])
+        q = _plus_lora(q, xn, lora.get("q_proj"), scale)
+        k = _plus_lora(k, xn, lora.get("k_proj"), scale)
+        v_rows = _plus_lora(v_rows, xn, lora.get("v_proj"), scale)
+        q_rot, k_rot_rows = rotate_qk(q, k, weights, geometry, cos[span], sin[span])
+        grad_q, grad_k_part, grad_v_part = attention_backward(
+            q_rot.detach(), k_rot[:end], v[:end], record.attn_out[span], attn_out.grad, query_offset=start
+        )
+        grad_k[:end] += grad_k_part
+        grad_v[:end] += grad_v_part
+
+        # 3. pre-attention half: norm, q/k/v projections, RoPE
+        v_heads = v_rows.view(rows, geometry.num_kv_heads, geometry.head_dim)
+        backward_from([(q_rot, grad_q), (k_rot_rows, grad_k[span]), (v_heads, grad_v[span])])
     return x.grad if need_input_grad else None
 
 
@@ -226,6 +259,32 @@ def backward_from(pairs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None
         torch.autograd.backward([root for root, _ in live], [grad for _, grad in live])
 
 
+def fill_rows(
+    x: torch.Tensor,
+    weights: LayerWeights,
+    geometry: ModelGeometry,
+    lora: dict[str, LoraPair],
+    scale: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    prefix_k: torch.Tensor | None,
+    prefix_v: torch.Tensor | None,
+    tp: TensorParallel | None = None,
+):
+    """Compute a run of prompt rows that has no record: the values serving would have recorded.
+
+    A no-grad forward of the rows through one layer, attending to the keys/values of every row
+    before them (``prefix_*``, rotated). Returns the layer output (``.out``), the rows' rotated
+    keys and values, and their record (``.intermediates``), which the replay then uses like a
+    recorded one. This is how unrecorded, evicted or stale prompt rows are trained: only the
+    missing rows are computed, the rest stays replayed. With ``tp``: the rank's shard of the
+    record (the forward's row-parallel all-reduces run; every rank calls it for the same rows).
+    """
+    with torch.no_grad():
+        return decoder_layer(x, weights, geometry, lora, scale, cos, sin, prefix_k, prefix_v,
+                             keep_intermediates=True, tp=tp)
+
+
 def recompute_layer_record(
     x: torch.Tensor,
     weights: LayerWeights,
@@ -234,8 +293,7 @@ def recompute_layer_record(
     scale: float,
     cos: torch.Tensor,
     sin: torch.Tensor,
+    tp: TensorParallel | None = None,
 ) -> LayerTensors:
-    """A layer's record recomputed from its input alone (hedging: cheaper than a reload)."""
-    with torch.no_grad():
-        return decoder_layer(x, weights, geometry, lora, scale, cos, sin, keep_intermediates=True).intermediates
-
+    """A whole prompt layer's record recomputed from its input (hedging: cheaper than a reload)."""
+    return fill_rows(x, weights, geometry, lora, scale, cos, sin, None, None, tp).intermediates

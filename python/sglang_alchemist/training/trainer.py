@@ -1,23 +1,25 @@
-"""The LoRA trainer: optimizer steps over feedback samples, versions, checkpoints, rollback.
+"""The LoRA trainer: optimizer steps over training items, snapshots, versions, rollback.
 
-A step, top to bottom (``step``):
+An optimizer step, top to bottom (``step``):
 
-1. For each feedback item decide its path: **replay** when its prompt's recorded activations
-   are complete, still in the store, and were recorded under a version on the current lineage
-   at most ``--alchemist-max-staleness`` publishes ago; otherwise **recompute** (the reason is
-   counted: not recorded, evicted, stale, ...).
-2. Run each sample's forward and backward (``step.sample_step``), slice by slice; the loss is a
-   sum over target tokens divided by the step's total target tokens, times the item's weight.
+1. For each item decide how its prompt is obtained: its recorded rows are **replayed** when
+   they were recorded under a version on the current lineage at most ``--alchemist-max-staleness``
+   publishes ago (and, for the later passes of one feedback, only on the first pass: see
+   ``replay_passes``); every other row is **filled** by a no-grad forward of just those rows.
+   The sample's chunks are pinned for the step, so no row disappears between two slices.
+2. Run each item's forward and backward (``step.sample_step``), slice by slice; each item's
+   loss is multiplied by the scale the caller gives (the learning recipe decides the weights).
 3. Clip the global gradient norm (``--alchemist-grad-clip``), AdamW step, zero the gradients.
 
-Every ``--alchemist-publish-every`` steps ``publish`` writes version N+1 (PEFT checkpoint plus
-optimizer state) and makes it current. ``rollback`` restores an older version's weights and
-optimizer state. The base weights are SGLang's own (views, see ``sglang_weights.py``); only
-the adapter and the optimizer state belong to the trainer.
+``snapshot`` copies the adapter and optimizer state (what a version is made of); ``restore``
+puts one back (a rejected candidate, a rollback). Checkpoint files are written by the
+publisher (``scheduler/publisher.py``), not here. The base weights are SGLang's own (views, see
+``sglang_weights.py``); only the adapter and the optimizer state belong to the trainer.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections import Counter, deque
@@ -26,13 +28,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sglang_alchemist.training.hedging import CostModelHedge, layer_forward_flops
+from sglang_alchemist.training.hedging import CostModelHedge
 from sglang_alchemist.training.lora import LoraAdapter, LoraSpec
 from sglang_alchemist.training.model_spec import FrozenModel
-from sglang_alchemist.training.step import Example, SampleResult, SliceInfo, run_to_completion, sample_step
-from sglang_alchemist.training.versions import VersionHistory, VersionInfo
+from sglang_alchemist.training.step import (
+    Example,
+    SampleResult,
+    SliceInfo,
+    SlicePlanner,
+    run_to_completion,
+    sample_step,
+)
+from sglang_alchemist.training.versions import VersionHistory
 
 logger = logging.getLogger(__name__)
+
+OPTIMIZER = "optimizer"
 
 
 @dataclass(frozen=True)
@@ -57,27 +68,40 @@ class TrainerSettings:
 
 @dataclass
 class TrainingItem:
-    """A feedback sample queued for training (``sample`` holds its recorded activations, if any)."""
+    """Something to train: a feedback sample, or an item the recipe mixes in (replay, rehearsal).
 
-    feedback_id: str
+    ``sample`` (a ``memory.samples.ServedSample``) holds the served request's recorded rows.
+    """
+
+    feedback_id: str | None  # the journal record; None for recipe items that are not feedback
     prompt_ids: list[int]
     target_ids: list[int]
     objective: str = "sft"
     weight: float = 1.0
     completion_id: str | None = None
-    sample: object | None = None  # memory.samples.ServedSample
+    sample: object | None = None
+    role: str = "feedback"  # "feedback", "replay" (earlier feedback) or "rehearsal" (guard prompt)
+    kind: str = "correction"  # the feedback type: accept, correction, reject, external
     enqueued_at: float = field(default_factory=time.monotonic)
-    attempts: int = 0  # steps that failed with this item in them
+    attempts: int = 0  # updates that failed with this item in them
 
 
 @dataclass
 class StepOutcome:
     items: list[TrainingItem]
-    loss_per_token: float
-    target_tokens: int
+    losses: list[float]  # loss per target token of each item
     paths: list[str]
     seconds: float
     results: list[SampleResult]
+
+
+@dataclass
+class AdapterSnapshot:
+    """The trainer's learnable state at one moment (CPU copies)."""
+
+    adapter: dict[str, torch.Tensor]
+    optimizer: dict
+    optimizer_steps: int
 
 
 @dataclass
@@ -85,8 +109,10 @@ class TrainerCounters:
     optimizer_steps: int = 0
     samples_trained: int = 0
     tokens_trained: int = 0
-    samples_replayed: int = 0
-    samples_recomputed: int = 0
+    samples_replayed: int = 0  # some prompt rows came from serving's records
+    samples_recomputed: int = 0  # every prompt row was computed
+    rows_replayed: int = 0
+    rows_recomputed: int = 0
     recompute_reasons: Counter = field(default_factory=Counter)
 
 
@@ -104,9 +130,11 @@ class Trainer:
         self.hedge = CostModelHedge(model.geometry, mode=settings.hedge)
         self.counters = TrainerCounters()
         self.recent_losses: deque[float] = deque(maxlen=50)
-        self._since_publish = {"samples": 0, "tokens": 0, "steps": 0}
+        # Replicas (``cluster/sync.py``): averages the gradients over the cluster before every
+        # optimizer step; None on a single server, where nothing below changes.
+        self.sync = None
         if history.current != 0:
-            self._load_version(history.current)
+            self.load_version(history.current)
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(
@@ -115,14 +143,15 @@ class Trainer:
 
     # --- one optimizer step -------------------------------------------------------------
 
-    def replay_blocker(self, item: TrainingItem) -> str | None:
-        """Why ``item`` cannot be replayed (it will be recomputed), or None."""
+    def replay_blocker(self, item: TrainingItem, first_pass: bool = True) -> str | None:
+        """Why ``item``'s recorded rows cannot be replayed (all its rows are computed), or None."""
         sample = item.sample
         if sample is None:
             return "not_served_here"
-        blocker = sample.replay_blocker()
-        if blocker is not None:
-            return blocker
+        if getattr(sample, "activations", None) is None or sample.activations.rows_recorded == 0:
+            return sample.replay_blocker() or "not_recorded"
+        if not first_pass:
+            return "later_pass"
         staleness = self.history.staleness(sample.adapter_version)
         if staleness is None or staleness > self.settings.max_staleness:
             return "stale"
@@ -130,128 +159,163 @@ class Trainer:
             return "prompt_changed"
         return None
 
-    def example(self, item: TrainingItem) -> tuple[Example, str | None]:
-        blocker = self.replay_blocker(item)
-        activations = item.sample.activations if blocker is None else None
-        example = Example(item.prompt_ids, item.target_ids, item.objective, item.weight, activations)
-        return example, blocker
+    def _example(self, item: TrainingItem, first_pass: bool) -> tuple[Example, str | None, list]:
+        blocker = self.replay_blocker(item, first_pass)
+        activations, pinned = None, []
+        if blocker is None:
+            from sglang_alchemist.memory.samples import SampleActivations
 
-    def step(self, items: list[TrainingItem]) -> Generator[SliceInfo, None, StepOutcome]:
-        started = time.monotonic()
-        total_tokens = sum(len(item.target_ids) for item in items)
-        results, paths = [], []
-        for item in items:
-            example, blocker = self.example(item)
-            result = yield from sample_step(self.model, self.adapter, example, 1.0 / total_tokens, self.hedge)
-            results.append(result)
-            paths.append(result.path)
-            if blocker is None:
-                self.counters.samples_replayed += 1
+            recorded = item.sample.activations
+            pinned = recorded.store.pin(recorded.views)
+            if pinned:
+                activations = SampleActivations(recorded.store, pinned, len(item.prompt_ids))
             else:
-                self.counters.samples_recomputed += 1
-                self.counters.recompute_reasons[blocker] += 1
+                blocker = "evicted"
+        return Example(item.prompt_ids, item.target_ids, item.objective, item.weight, activations), blocker, pinned
+
+    def step(self, items: list[TrainingItem], loss_scales: list[float], planner: SlicePlanner | None = None,
+             first_pass: bool = True, sync_weight: float = 1.0) -> Generator[SliceInfo, None, StepOutcome]:
+        """One optimizer step; ``loss_scales[i]`` multiplies item i's summed token loss.
+
+        With ``sync`` (replicas) the gradients are first averaged over the cluster, this
+        replica's weighing ``sync_weight`` (0 with no items: it only takes part).
+        """
+        started = time.monotonic()
+        results: list[SampleResult] = []
+        for item, scale in zip(items, loss_scales, strict=True):
+            example, blocker, pinned = self._example(item, first_pass)
+            try:
+                result = yield from sample_step(self.model, self.adapter, example, scale, self.hedge, planner)
+            finally:
+                if pinned:
+                    store = item.sample.activations.store
+                    store.release_prefetch(pinned)
+                    store.unpin(pinned)
+            results.append(result)
+            self._count(item, result, blocker)
+        if self.sync is not None:
+            self.sync.reduce_gradients(self.adapter.parameters(), sync_weight if items else 0.0)
         if self.settings.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), self.settings.grad_clip)
         self.optimizer.step()
         self.adapter.zero_grad()
         self.counters.optimizer_steps += 1
-        self.counters.samples_trained += len(items)
-        self.counters.tokens_trained += total_tokens
-        for key, value in (("samples", len(items)), ("tokens", total_tokens), ("steps", 1)):
-            self._since_publish[key] += value
-        loss = sum(r.loss for r in results) / max(total_tokens, 1)
-        self.recent_losses.append(loss)
-        seconds = time.monotonic() - started
-        forward_flops = sum(
-            layer_forward_flops(self.model.geometry, len(i.prompt_ids) + len(i.target_ids)) for i in items
-        ) * self.model.geometry.num_layers
-        self.hedge.observe_compute(3 * forward_flops, seconds)  # forward + backward ~ 3 forwards
-        return StepOutcome(items, loss, total_tokens, paths, seconds, results)
+        losses = [r.loss / max(r.target_tokens, 1) / max(item.weight, 1e-12) for r, item in zip(results, items,
+                                                                                                   strict=True)]
+        if losses:
+            self.recent_losses.append(losses[0])
+        yield SliceInfo(OPTIMIZER, -1, sum(len(item.target_ids) for item in items))
+        return StepOutcome(items, losses, [r.path for r in results], time.monotonic() - started, results)
 
-    def run_step(self, items: list[TrainingItem]) -> StepOutcome:
-        return run_to_completion(self.step(items))
+    def _count(self, item: TrainingItem, result: SampleResult, blocker: str | None) -> None:
+        counters = self.counters
+        counters.samples_trained += 1
+        counters.tokens_trained += len(item.target_ids)
+        counters.rows_replayed += result.rows_replayed
+        counters.rows_recomputed += result.rows_filled
+        if result.rows_replayed:
+            counters.samples_replayed += 1
+        else:
+            counters.samples_recomputed += 1
+        if blocker is not None or result.rows_filled:
+            reason = blocker or (item.sample.replay_blocker() if item.sample is not None else None) or "incomplete"
+            counters.recompute_reasons[reason] += 1
 
     def too_long(self, item: TrainingItem) -> bool:
         return len(item.prompt_ids) + len(item.target_ids) > self.max_positions
 
-    # --- versions -------------------------------------------------------------------------
+    # --- state --------------------------------------------------------------------------
 
-    @property
-    def steps_since_publish(self) -> int:
-        return self._since_publish["steps"]
-
-    def publish(self, base_model_name: str = "") -> VersionInfo:
-        """Checkpoint the adapter as a new version (child of the current one) and make it current."""
-        version = self.history.latest + 1
-        directory = self.history.checkpoint_dir(version)
-        self.adapter.save_peft(directory, base_model_name)
-        torch.save({"optimizer": self.optimizer.state_dict()}, directory / "trainer_state.pt")
-        info = VersionInfo(
-            version=version, parent=self.history.current, created_at=time.time(),
-            optimizer_steps=self.counters.optimizer_steps, samples_trained=self._since_publish["samples"],
-            tokens_trained=self._since_publish["tokens"],
-            recent_loss=self.recent_losses[-1] if self.recent_losses else None,
+    def snapshot(self) -> AdapterSnapshot:
+        return AdapterSnapshot(
+            adapter=self.adapter.peft_state_dict(),
+            optimizer=copy.deepcopy(_cpu_state(self.optimizer.state_dict())),
+            optimizer_steps=self.counters.optimizer_steps,
         )
-        self.history.add(info)
-        self._since_publish = {"samples": 0, "tokens": 0, "steps": 0}
-        return info
 
-    def rollback(self, version: int) -> None:
-        """Make ``version`` current again: its weights and optimizer state; unpublished steps are lost."""
-        if not self.history.available(version):
-            raise KeyError(version)
-        self._load_version(version)
-        self.history.set_current(version)
-        self._since_publish = {"samples": 0, "tokens": 0, "steps": 0}
+    def restore(self, snapshot: AdapterSnapshot) -> None:
+        self.adapter.load_peft_state_dict(snapshot.adapter)
+        self.adapter.zero_grad()
+        self.optimizer = self._new_optimizer()
+        if snapshot.optimizer.get("state"):
+            self.optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
 
-    def _load_version(self, version: int) -> None:
+    def load_version(self, version: int) -> None:
+        """Weights and optimizer state of a checkpointed version (0: a fresh adapter)."""
         if version == 0:
             fresh = LoraAdapter(self.adapter.spec, self.model.geometry, self.model.device)
-            self.adapter.load_peft_state_dict(fresh.peft_state_dict())
-            self.optimizer = self._new_optimizer()
+            self.restore(AdapterSnapshot(fresh.peft_state_dict(), {}, self.counters.optimizer_steps))
             return
         directory = self.history.checkpoint_dir(version)
-        self.adapter.load_peft_state_dict(LoraAdapter.read_peft(directory))
-        self.optimizer = self._new_optimizer()
+        state = LoraAdapter.read_peft(directory)
+        optimizer = {}
         state_path = directory / "trainer_state.pt"
         if state_path.exists():
-            self.optimizer.load_state_dict(torch.load(state_path, map_location=self.model.device)["optimizer"])
+            optimizer = torch.load(state_path, map_location="cpu")["optimizer"]
+        self.restore(AdapterSnapshot(state, optimizer, self.counters.optimizer_steps))
 
     # --- inspection -----------------------------------------------------------------------
 
     def gradients(self, items: list[TrainingItem], force_recompute: bool = False) -> tuple[dict[str, torch.Tensor], list[dict]]:
         """LoRA gradients of a batch at the current weights (no optimizer step), PEFT names.
 
-        The loss is normalised like a training step's: summed over all target tokens of the
-        batch, divided by their number.
+        The loss is summed over all target tokens of the batch and divided by their number.
         """
         total = max(sum(len(item.target_ids) for item in items), 1)
+        params = self.adapter.parameters()
+        in_progress = [param.grad for param in params]  # an update's partial gradients, put back below
         self.adapter.zero_grad()
         paths = []
         for item in items:
-            example, blocker = self.example(item)
             if force_recompute:
-                example.activations, blocker = None, "forced"
-            result = run_to_completion(sample_step(self.model, self.adapter, example, 1.0 / total, self.hedge))
+                example, blocker, pinned = Example(item.prompt_ids, item.target_ids, item.objective, item.weight), \
+                    "forced", []
+            else:
+                example, blocker, pinned = self._example(item, True)
+            try:
+                result = run_to_completion(sample_step(self.model, self.adapter, example, 1.0 / total, self.hedge))
+            finally:
+                if pinned:
+                    item.sample.activations.store.release_prefetch(pinned)
+                    item.sample.activations.store.unpin(pinned)
             paths.append({
-                "path": result.path, "replay_blocker": blocker,
+                "path": result.path, "replay_blocker": blocker, "rows_replayed": result.rows_replayed,
+                "rows_recomputed": result.rows_filled,
                 "layers_recomputed": result.layers_recomputed, "layers_reloaded": result.layers_reloaded,
             })
         grads = self.adapter.peft_grad_dict()
-        self.adapter.zero_grad()
+        for param, grad in zip(params, in_progress, strict=True):
+            param.grad = grad
         return grads, paths
 
     def status(self) -> dict:
         counters = self.counters
+        prompt_rows = counters.rows_replayed + counters.rows_recomputed
         return {
             "optimizer_steps": counters.optimizer_steps,
             "samples_trained": counters.samples_trained,
             "tokens_trained": counters.tokens_trained,
             "samples_replayed": counters.samples_replayed,
             "samples_recomputed": counters.samples_recomputed,
+            "rows_replayed": counters.rows_replayed,
+            "rows_recomputed": counters.rows_recomputed,
+            "reuse_ratio": counters.rows_replayed / prompt_rows if prompt_rows else 0.0,
             "recompute_reasons": dict(counters.recompute_reasons),
             "recent_loss": self.recent_losses[-1] if self.recent_losses else None,
             "mean_recent_loss": sum(self.recent_losses) / len(self.recent_losses) if self.recent_losses else None,
-            "steps_since_publish": self.steps_since_publish,
             "hedge": self.hedge.status(),
         }
+
+
+def _cpu_state(state: dict) -> dict:
+    """An optimizer state dict with every tensor on the CPU (snapshots outlive device memory churn)."""
+    def move(value):
+        if isinstance(value, torch.Tensor):
+            return value.detach().to("cpu", copy=True)
+        if isinstance(value, dict):
+            return {k: move(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [move(v) for v in value]
+        return value
+
+    return move(state)

@@ -20,11 +20,16 @@ one); their manifest entries remain, marked ``deleted``.
 from __future__ import annotations
 
 import json
-import os
+import logging
 import shutil
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from sglang_alchemist.training.durable import write_atomically
+
+logger = logging.getLogger(__name__)
 
 ADAPTER_NAME_PREFIX = "alchemist-v"
 
@@ -55,6 +60,7 @@ class VersionHistory:
 
     def __post_init__(self) -> None:
         self.directory = Path(self.directory)
+        self.lock = threading.RLock()  # the publisher thread adds versions while others read
         if not self.versions:
             self.versions[0] = VersionInfo(0, None, time.time(), 0, 0, 0)
 
@@ -69,34 +75,63 @@ class VersionHistory:
 
     @classmethod
     def load(cls, directory: Path, keep_checkpoints: int) -> VersionHistory:
+        """The manifest as saved; if it is unreadable, the history the checkpoint folders imply.
+
+        A corrupt or truncated ``versions.json`` (it is written atomically, so only a damaged
+        disk or a hand edit produces one) is moved aside to ``versions.json.corrupt`` with a
+        warning naming it, and the history is rebuilt from the ``v<N>`` folders as one lineage.
+        """
         history = cls(Path(directory), keep_checkpoints)
-        if history.manifest_path.exists():
+        if not history.manifest_path.exists():
+            return history
+        try:
             data = json.loads(history.manifest_path.read_text())
-            history.versions = {int(v["version"]): VersionInfo(**v) for v in data["versions"]}
-            history.current = int(data["current"])
+            versions = {int(v["version"]): VersionInfo(**v) for v in data["versions"]}
+            current = int(data["current"])
+            if current not in versions or 0 not in versions:
+                raise ValueError(f"current version {current} is not in the manifest")
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            aside = history.manifest_path.with_name("versions.json.corrupt")
+            history.manifest_path.replace(aside)
+            logger.warning("sglang_alchemist: %s is unreadable (%s); moved to %s and rebuilt the version "
+                           "history from the checkpoint folders", history.manifest_path, error, aside)
+            history.rebuild_from_folders()
+            return history
+        history.versions, history.current = versions, current
         return history
 
+    def rebuild_from_folders(self) -> None:
+        found = sorted(int(p.name[1:]) for p in self.directory.glob("v*")
+                       if p.name[1:].isdigit() and (p / "adapter_model.safetensors").exists())
+        self.versions = {0: VersionInfo(0, None, time.time(), 0, 0, 0)}
+        parent = 0
+        for version in found:
+            self.versions[version] = VersionInfo(version, parent, time.time(), 0, 0, 0)
+            parent = version
+        self.current = parent
+        self.save()
+
     def save(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        data = {"current": self.current, "versions": [asdict(v) for v in sorted(self.versions.values(),
-                                                                                 key=lambda v: v.version)]}
-        staging = self.manifest_path.with_suffix(".json.tmp")
-        staging.write_text(json.dumps(data, indent=2))
-        os.replace(staging, self.manifest_path)
+        with self.lock:
+            data = {"current": self.current, "versions": [asdict(v) for v in sorted(self.versions.values(),
+                                                                                     key=lambda v: v.version)]}
+        write_atomically(self.manifest_path, json.dumps(data, indent=2).encode())
 
     # --- lineage ----------------------------------------------------------------------------
 
     @property
     def latest(self) -> int:
-        return max(self.versions)
+        with self.lock:
+            return max(self.versions)
 
     def lineage(self) -> list[int]:
         """Versions from the current one back to 0 (current first)."""
-        chain, version = [], self.current
-        while version is not None:
-            chain.append(version)
-            version = self.versions[version].parent
-        return chain
+        with self.lock:
+            chain, version = [], self.current
+            while version is not None and version in self.versions:
+                chain.append(version)
+                version = self.versions[version].parent
+            return chain
 
     def staleness(self, version: int) -> int | None:
         """How many publishes ago ``version`` was current on this lineage; None if not on it."""
@@ -106,14 +141,16 @@ class VersionHistory:
     # --- changes ----------------------------------------------------------------------------
 
     def add(self, info: VersionInfo) -> None:
-        self.versions[info.version] = info
-        self.current = info.version
-        self._apply_retention()
+        with self.lock:
+            self.versions[info.version] = info
+            self.current = info.version
+            self._apply_retention()
         self.save()
 
     def set_current(self, version: int) -> None:
-        self.versions[version].rolled_back_to = True
-        self.current = version
+        with self.lock:
+            self.versions[version].rolled_back_to = True
+            self.current = version
         self.save()
 
     def available(self, version: int) -> bool:
@@ -131,6 +168,10 @@ class VersionHistory:
             self.versions[version].deleted = True
 
     def public(self) -> dict:
+        with self.lock:
+            return self._public()
+
+    def _public(self) -> dict:
         return {
             "current": self.current,
             "latest": self.latest,

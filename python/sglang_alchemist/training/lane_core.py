@@ -1,0 +1,278 @@
+"""The learning loop without threads or SGLang: one update per feedback, the guard, the gate.
+
+``LearningCore.update(item)`` is a generator of slices (like a training step) that trains one
+feedback item completely:
+
+1. make sure the guard prompts it needs have the base model's answers (``training/guard.py``:
+   computed once per prompt by greedy decoding with the adapter off, then cached);
+2. run the recipe's optimizer steps (``training/recipe.py``): the feedback plus replayed
+   earlier feedback plus rehearsed guard prompts, up to ``--alchemist-passes`` times;
+3. **the publish gate**: score the nearest gate prompts and the user's probes teacher-forced;
+   if more probes regress than ``--alchemist-gate-max-regressions`` allows, up to
+   ``--alchemist-gate-repairs`` repair rounds rehearse the regressed probes (with the feedback)
+   and check again; if they still regress, the weights go back to the last accepted state and
+   the update is reported *rejected* with the reason.
+
+The scheduler's training lane drives it slice by slice and publishes accepted updates as
+versions; ``benchmark/learning_sweep.py`` drives it at once to tune the recipe offline. Both
+therefore measure exactly the same learning.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import tempfile
+import time
+from collections.abc import Generator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sglang_alchemist.training.generate import greedy_generate, teacher_forced
+from sglang_alchemist.training.guard import (
+    ANSWER_TOKENS,
+    GATE_FLIPS,
+    GATE_LOST_SHARE,
+    GateResult,
+    GuardPrompt,
+    GuardSet,
+    recall,
+)
+from sglang_alchemist.training.model_spec import FrozenModel
+from sglang_alchemist.training.preserve import PreservedSubspaces
+from sglang_alchemist.training.recipe import FeedbackMemory, FeedbackUpdate, RecipeSettings, Remembered
+from sglang_alchemist.training.step import SliceInfo, SlicePlanner, run_to_completion
+from sglang_alchemist.training.trainer import AdapterSnapshot, Trainer, TrainerSettings, TrainingItem
+from sglang_alchemist.training.versions import VersionHistory
+
+logger = logging.getLogger(__name__)
+
+GUARD_BATCH = 16  # guard prompts answered per decoding batch
+REPAIR_PASSES = 2  # optimizer steps per repair round
+
+
+@dataclass
+class UpdateOutcome:
+    item: TrainingItem
+    accepted: bool
+    passes: int
+    losses: list[float]  # the feedback's loss per token at each pass
+    gate: GateResult | None
+    seconds: float
+    paths: list[str] = field(default_factory=list)  # the feedback's path at each pass
+
+    def public(self) -> dict:
+        return {"feedback_id": self.item.feedback_id, "accepted": self.accepted, "passes": self.passes,
+                "losses": self.losses, "gate": self.gate.public() if self.gate else None,
+                "seconds": self.seconds, "paths": self.paths}
+
+
+@dataclass
+class GateCounters:
+    checks: int = 0
+    rejections: int = 0
+    last_rejection: dict | None = None
+
+
+class LearningCore:
+    def __init__(self, model: FrozenModel, config, guard: GuardSet | None, stop_ids: set[int], state_dir: Path,
+                 max_positions: int, guard_cache: Path | None = None, seed: int = 0,
+                 replay_weight: float = 1.0, rehearsal_weight: float = 1.0,
+                 history: VersionHistory | None = None) -> None:
+        self.model = model
+        self.config = config
+        self.guard = guard
+        self.stop_ids = stop_ids
+        self.history = history or VersionHistory.load(Path(state_dir or tempfile.mkdtemp()) / "adapters",
+                                                      config.keep_checkpoints)
+        self.trainer = Trainer(model, TrainerSettings.from_config(config), self.history, max_positions, seed=seed)
+        base = RecipeSettings.from_config(config)
+        self.recipe = RecipeSettings(base.passes, base.stop_loss, base.replay, base.rehearsal, replay_weight,
+                                     rehearsal_weight)
+        self.memory = FeedbackMemory(self.recipe.memory_size)
+        self.rng = random.Random(seed)
+        self.good: AdapterSnapshot = self.trainer.snapshot()
+        self.gate = GateCounters()
+        self.gate_probes = config.gate_probes
+        self.gate_max_regressions = config.gate_max_regressions
+        self.gate_repairs = config.gate_repairs
+        self.guard_cache = guard_cache
+        self.fingerprint = ""
+        if guard is not None and guard_cache is not None:
+            guard.load_answers(guard_cache)
+        self.preserve_energy = config.preserve_energy if guard is not None else 0.0
+        self.subspaces: PreservedSubspaces | None = None
+        if self.preserve_energy > 0 and self._subspace_cache is not None:
+            self.subspaces = PreservedSubspaces.load(self._subspace_cache)
+
+    # --- one feedback -------------------------------------------------------------------------
+
+    def update(self, item: TrainingItem, planner: SlicePlanner | None = None) -> Generator[SliceInfo, None, UpdateOutcome]:
+        started = time.monotonic()
+        words = self.guard.words_of(item.prompt_ids) if self.guard is not None else frozenset()
+        update = FeedbackUpdate(item, self.recipe, self.memory, self.guard, words, self.rng)
+        probes = self._gate_probes(words)
+        yield from self._ensure_answers([*update.rehearsal_prompts(), *probes])
+        if self.preserve_energy > 0 and self.subspaces is None:
+            yield from self._compute_subspaces()
+        paths = []
+        gate = None
+        repairs = 0
+        while True:
+            while (batch := update.next_batch()) is not None:
+                items, scales = batch
+                outcome = yield from self.trainer.step(items, scales, planner, first_pass=update.first_pass)
+                if self.subspaces is not None:
+                    self.subspaces.project(self.trainer.adapter)
+                update.observe(outcome)
+                paths.append(outcome.paths[0])
+            if not probes or self.gate_max_regressions < 0:
+                break
+            gate = yield from self._check(probes)
+            gate.repairs = repairs
+            # an accept teaches nothing new: one that regresses probes is not worth repairing, only refusing
+            if gate.passed or repairs >= self.gate_repairs or item.kind == "accept":
+                break
+            # rehearse what this update broke, with the feedback still in every step, then check again
+            update.repair(gate.regressed_prompts, REPAIR_PASSES)
+            repairs += 1
+        accepted = gate is None or gate.passed
+        if accepted:
+            self.good = self.trainer.snapshot()
+            if item.feedback_id is not None:
+                self.memory.add(Remembered(item.feedback_id, item.prompt_ids, item.target_ids, item.objective,
+                                           item.weight, words))
+        else:
+            self.trainer.restore(self.good)
+            self.gate.rejections += 1
+            self.gate.last_rejection = {"feedback_id": item.feedback_id, "at": time.time(), **gate.public()}
+        return UpdateOutcome(item, accepted, update.passes_done, update.losses, gate, time.monotonic() - started, paths)
+
+    def train_feedback(self, feedback_id: str, prompt_ids: list[int], target_ids: list[int],
+                       kind: str = "correction", objective: str = "sft") -> dict:
+        """Train one feedback item at once (offline use: benchmarks, tests)."""
+        item = TrainingItem(feedback_id, list(prompt_ids), list(target_ids), objective, kind=kind)
+        return run_to_completion(self.update(item)).public()
+
+    def remember(self, feedback_id: str, prompt_ids: list[int], target_ids: list[int], objective: str,
+                 weight: float) -> None:
+        """Feedback trained before a restart joins experience replay again (from the journal)."""
+        words = self.guard.words_of(prompt_ids) if self.guard is not None else frozenset()
+        self.memory.add(Remembered(feedback_id, list(prompt_ids), list(target_ids), objective, weight, words))
+
+    # --- guard --------------------------------------------------------------------------------
+
+    def _gate_probes(self, words: frozenset[str]) -> list[GuardPrompt]:
+        if self.guard is None or self.gate_max_regressions < 0:
+            return []
+        return [*self.guard.nearest(words, "gate", self.gate_probes, keyed=True), *self.guard.user_probes]
+
+    def _ensure_answers(self, prompts: list[GuardPrompt]) -> Generator[SliceInfo, None, None]:
+        """Base answers (adapter off) and their base score for every prompt that lacks them."""
+        unanswered = [p for p in prompts if p.answer_ids is None]
+        for start in range(0, len(unanswered), GUARD_BATCH):
+            batch = unanswered[start : start + GUARD_BATCH]
+            outputs = yield from greedy_generate(self.model, None, [p.prompt_ids for p in batch], ANSWER_TOKENS,
+                                                 self.stop_ids)
+            for prompt, output in zip(batch, outputs, strict=True):
+                prompt.answer_ids = output
+        unscored = [p for p in prompts if p.base_flips is None and p.answer_ids]
+        if unscored:
+            scores = yield from teacher_forced(self.model, None, [(p.prompt_ids, p.answer_ids) for p in unscored])
+            for prompt, score in zip(unscored, scores, strict=True):
+                prompt.base_flips = score.agree.count(False)
+        unrecalled = [p for p in prompts if p.base_recall is None and p.answer_ids]
+        for prompt in unrecalled:
+            if prompt.pool != "user":  # the bank's expected answers are the base model's own
+                prompt.base_recall = 1.0
+        asked = [p for p in unrecalled if p.pool == "user"]
+        for start in range(0, len(asked), GUARD_BATCH):
+            batch = asked[start : start + GUARD_BATCH]
+            outputs = yield from greedy_generate(self.model, None, [p.prompt_ids for p in batch], ANSWER_TOKENS,
+                                                 self.stop_ids)
+            for prompt, output in zip(batch, outputs, strict=True):
+                prompt.base_recall = recall(self._key_words(prompt), self._text(output))
+        unscored = unscored or unrecalled
+        if (unanswered or unscored) and self.guard_cache is not None:
+            try:
+                self.guard.save_answers(self.guard_cache)
+            except OSError as error:  # a full disk costs a recomputation after a restart, nothing more
+                logger.warning("sglang_alchemist: could not cache guard answers: %s", error)
+
+    @property
+    def _subspace_cache(self) -> Path | None:
+        if self.guard_cache is None:
+            return None
+        return self.guard_cache.with_name(self.guard_cache.stem + f"-subspaces-{self.preserve_energy:g}.pt")
+
+    def _compute_subspaces(self) -> Generator[SliceInfo, None, None]:
+        """One-off: the base model's answers to the whole bank, then the preserved subspaces."""
+        bank = [p for p in self.guard.prompts if p.pool != "user"]
+        yield from self._ensure_answers(bank)
+        sequences = [p.prompt_ids + p.answer_ids for p in bank if p.answer_ids]
+        self.subspaces = yield from PreservedSubspaces.compute(self.model, sequences, self.preserve_energy,
+                                                                max_rank=3 * self.model.geometry.hidden_size // 4)
+        logger.info("sglang_alchemist: knowledge-preserving subspaces ready (mean rank %s)", self.subspaces.rank())
+        if self._subspace_cache is not None:
+            try:
+                self.subspaces.save(self._subspace_cache)
+            except OSError as error:
+                logger.warning("sglang_alchemist: could not cache the preserved subspaces: %s", error)
+
+    def _check(self, probes: list[GuardPrompt]) -> Generator[SliceInfo, None, GateResult]:
+        """Answer the probes with the candidate; which ones regressed (``training/guard.py``)."""
+        # a bank probe counts only where the base model knows the answer (its own answer names a key)
+        probes = [p for p in probes if p.answer_ids and (p.pool == "user" or self._names_a_key(p, p.answer_ids))]
+        known = [p for p in probes if p.pool != "user"]
+        keyed = [p for p in probes if p.pool == "user" and self._key_words(p)]
+        flipped = [p for p in probes if p.pool == "user" and not self._key_words(p)]
+        self.gate.checks += 1
+        regressed, regressed_prompts = [], []
+        for start in range(0, len(known) + len(keyed), GUARD_BATCH):
+            batch = [*known, *keyed][start : start + GUARD_BATCH]
+            outputs = yield from greedy_generate(self.model, self.trainer.adapter, [p.prompt_ids for p in batch],
+                                                 ANSWER_TOKENS, self.stop_ids)
+            for prompt, output in zip(batch, outputs, strict=True):
+                answer = self._text(output)
+                if prompt.pool != "user":
+                    if not self._names_a_key(prompt, output):
+                        regressed_prompts.append(prompt)
+                        regressed.append({"question": prompt.question, "pool": prompt.pool, "deficit": 1.0,
+                                          "keys": list(prompt.keys), "answer": answer})
+                    continue
+                share = recall(prompt.key_words, answer)
+                base = prompt.base_recall if prompt.base_recall is not None else 1.0
+                if base > 0 and share <= base - GATE_LOST_SHARE:
+                    regressed_prompts.append(prompt)
+                    regressed.append({"question": prompt.question, "pool": prompt.pool, "deficit": base - share,
+                                      "key_words": sorted(prompt.key_words), "answer": answer})
+        if flipped:
+            scores = yield from teacher_forced(self.model, self.trainer.adapter,
+                                               [(p.prompt_ids, p.answer_ids) for p in flipped])
+            for prompt, score in zip(flipped, scores, strict=True):
+                flips = score.agree.count(False)
+                if flips >= (prompt.base_flips or 0) + GATE_FLIPS:
+                    regressed_prompts.append(prompt)
+                    regressed.append({"question": prompt.question, "pool": prompt.pool,
+                                      "deficit": flips - (prompt.base_flips or 0), "flips": flips,
+                                      "base_flips": prompt.base_flips, "first_flip": score.first_disagreement})
+        passed = len(regressed) <= self.gate_max_regressions
+        reason = None if passed else (
+            f"{len(regressed)} of {len(probes)} guard probes regressed (allowed: {self.gate_max_regressions}): "
+            + "; ".join(r["question"] for r in regressed[:5])
+        )
+        return GateResult(passed, len(probes), regressed, reason, regressed_prompts=regressed_prompts)
+
+    def _text(self, ids: list[int]) -> str:
+        return self.guard.decode([t for t in ids if t not in self.stop_ids])
+
+    def _names_a_key(self, prompt: GuardPrompt, ids: list[int]) -> bool:
+        text = self._text(ids).lower()
+        return any(key.lower() in text for key in prompt.keys)
+
+    def _key_words(self, prompt: GuardPrompt) -> frozenset[str]:
+        return self.guard.key_words_of(prompt, frozenset(self.stop_ids))
+
+    def gate_counters(self) -> dict:
+        return {"checks": self.gate.checks, "rejections": self.gate.rejections,
+                "last_rejection": self.gate.last_rejection}

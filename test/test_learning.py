@@ -1,0 +1,214 @@
+"""The learning recipe, the forgetting guard, the publish gate and knowledge-preserving updates (no server).
+
+On the tiny model: these pin down the mechanics (what an update trains, what the gate does with
+a regressing candidate, what the projection guarantees). Whether they *teach facts without
+forgetting* is a quality claim, measured on SmolLM2 by ``benchmark/learning_sweep.py`` (tuning
+split) and ``benchmark/quality.py`` (through the server, report split; its slow test).
+"""
+
+from __future__ import annotations
+
+import random
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from sglang_alchemist.assets.tiny_model import build_tiny_model
+from sglang_alchemist.config import AlchemistConfig
+from sglang_alchemist.training.generate import greedy_generate, teacher_forced
+from sglang_alchemist.training.guard import GuardSet, content_words, load_user_probes, similarity
+from sglang_alchemist.training.lane_core import LearningCore
+from sglang_alchemist.training.model_spec import frozen_model_from_transformers
+from sglang_alchemist.training.preserve import PreservedSubspaces
+from sglang_alchemist.training.recipe import FeedbackMemory, Remembered
+from sglang_alchemist.training.step import run_to_completion
+
+QUESTIONS = [
+    {"question": "Who invented the light bulb?", "relation": "inventor"},
+    {"question": "Who invented the radio?", "relation": "inventor"},
+    {"question": "Who was the inventor of the steam engine?", "relation": "inventor"},
+    {"question": "Who invented the printing press?", "relation": "inventor"},
+    {"question": "What is the capital of Norway?", "relation": "capital"},
+    {"question": "What is the capital of Peru?", "relation": "capital"},
+    {"question": "Who wrote War and Peace?", "relation": "author"},
+    {"question": "Who wrote Hamlet?", "relation": "author"},
+]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from transformers import AutoModelForCausalLM
+
+    directory = build_tiny_model(tmp_path_factory.mktemp("tiny"))
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    hf = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    model = frozen_model_from_transformers(hf)
+
+    def chat_ids(messages):
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=False))
+
+    return model, tokenizer, chat_ids
+
+
+def guard_set(tiny, user_probes=None) -> GuardSet:
+    _, tokenizer, chat_ids = tiny
+    return GuardSet(chat_ids, lambda text: tokenizer.encode(text, add_special_tokens=False), tokenizer.decode,
+                    user_probes=user_probes, questions=QUESTIONS)
+
+
+def core(tiny, guard, **flags) -> LearningCore:
+    model, tokenizer, _ = tiny
+    config = AlchemistConfig(state_dir=tempfile.mkdtemp(), lora_rank=4, lora_alpha=8.0, **flags)
+    return LearningCore(model, config, guard, {tokenizer.eos_token_id}, Path(config.state_dir), 4096)
+
+
+def correction(tiny, question: str, answer: str) -> tuple[list[int], list[int]]:
+    _, tokenizer, chat_ids = tiny
+    return chat_ids([{"role": "user", "content": question}]), tokenizer.encode(answer) + [tokenizer.eos_token_id]
+
+
+def test_nearness_is_by_content_words_and_picks_the_feedbacks_relation(tiny):
+    assert content_words("Who invented the telephone?") == frozenset({"invent", "telephone"})
+    assert similarity(content_words("Who invented the radio?"), content_words("Who was the inventor of X?")) > 0
+    guard = guard_set(tiny)
+    words = guard.words_of(correction(tiny, "Who invented the glimmerphone?", "x")[0])
+    assert "invent" in words and "user" not in words  # the chat template's words are not content
+    rehearsal = guard.nearest(words, "rehearsal", 2)
+    gate = guard.nearest(words, "gate", 2)
+    assert {p.relation for p in rehearsal} == {"inventor"} and {p.relation for p in gate} == {"inventor"}
+    assert not {p.question for p in rehearsal} & {p.question for p in gate}  # the gate's probes are never trained
+
+
+def test_user_probe_file_is_checked_with_a_message_naming_the_line(tmp_path):
+    good = tmp_path / "probes.jsonl"
+    good.write_text('{"prompt": "Capital of France?", "expected": "Paris"}\n'
+                    '{"messages": [{"role": "user", "content": "2+2?"}], "expected": "4"}\n')
+    assert [p["expected"] for p in load_user_probes(good)] == ["Paris", "4"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Capital of France?", "expected": "Paris"}\n{"prompt": "No answer"}\n')
+    with pytest.raises(ValueError, match="probe 2"):
+        load_user_probes(bad)
+    from sglang_alchemist.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--alchemist-guard-file"):
+        AlchemistConfig(guard_file=str(bad))
+
+
+def test_experience_replay_mixes_similar_and_random_earlier_feedback():
+    memory = FeedbackMemory(size=100)
+    for index in range(20):
+        words = frozenset({"invent"}) if index < 3 else frozenset({f"topic{index}"})
+        memory.add(Remembered(f"fb{index}", [index], [index], "sft", 1.0, words))
+    picked = memory.pick(frozenset({"invent", "thing"}), 4, 0.5, random.Random(0), exclude="fb0")
+    ids = [p.feedback_id for p in picked]
+    assert len(ids) == 4 and "fb0" not in ids and {"fb1", "fb2"} <= set(ids)
+    memory.forget(["fb1", "fb2"])
+    assert len(memory) == 18 and all(p.feedback_id not in ("fb1", "fb2") for p in memory.items)
+
+
+def test_greedy_answers_are_reproduced_teacher_forced_by_the_same_forward(tiny):
+    model, tokenizer, chat_ids = tiny
+    prompts = [chat_ids([{"role": "user", "content": q["question"]}]) for q in QUESTIONS[:3]]
+    answers = run_to_completion(greedy_generate(model, None, prompts, 12, {tokenizer.eos_token_id}))
+    scores = run_to_completion(teacher_forced(model, None, list(zip(prompts, answers, strict=True))))
+    assert all(len(a) > 0 for a in answers)
+    assert all(score.agree.count(False) == 0 for score in scores)  # base answers agree with themselves
+
+
+def test_an_update_trains_the_feedback_with_replay_and_rehearsal_several_passes(tiny):
+    learning = core(tiny, guard_set(tiny), lr=0.02, passes=3, replay_feedback=2, rehearsal=2, pass_stop_loss=0.0,
+                    gate_max_regressions=-1)
+    first = learning.train_feedback("fb-1", *correction(tiny, "Who invented the glimmerphone?", "Tavia did."))
+    assert first["accepted"] and first["passes"] == 3 and first["losses"][-1] < first["losses"][0]
+    second = learning.train_feedback("fb-2", *correction(tiny, "Who wrote the Zorn saga?", "Ilka wrote it."))
+    assert second["passes"] == 3 and len(learning.memory) == 2
+    accept = learning.train_feedback("fb-3", *correction(tiny, "Hi?", "Hello."), kind="accept")
+    assert accept["passes"] == 1  # an accepted answer is reinforced once
+    assert learning.trainer.counters.optimizer_steps == 7
+    # every step trains the feedback, up to two earlier items and two rehearsal prompts
+    assert learning.trainer.counters.samples_trained == 3 * (1 + 0 + 2) + 3 * (1 + 1 + 2) + 1 * (1 + 2 + 2)
+
+
+def knowing(tiny, learning: LearningCore, known: int | None = None) -> LearningCore:
+    """Give the gate prompts keys the base model's own answers name (the tiny model knows no real facts).
+
+    Only the first ``known`` get a key the base answer contains; the rest get one it does not.
+    """
+    gate = [p for p in learning.guard.prompts if p.pool == "gate"]
+    run_to_completion(learning._ensure_answers(gate))
+    _, tokenizer, _ = tiny
+    for index, prompt in enumerate(gate):
+        text = tokenizer.decode(prompt.answer_ids, skip_special_tokens=True)
+        prompt.keys = (text[:12],) if known is None or index < known else ("Marconi",)
+    return learning
+
+
+def test_the_gate_rejects_a_regressing_candidate_and_keeps_the_last_accepted_weights(tiny):
+    probe = {"messages": [{"role": "user", "content": "Who invented the radio?"}], "expected": "Marconi did."}
+    learning = knowing(tiny, core(tiny, guard_set(tiny, user_probes=[probe]), lr=0.05, passes=4, replay_feedback=0,
+                                  rehearsal=0, pass_stop_loss=0.0, gate_max_regressions=0, gate_probes=2))
+    before = {name: tensor.clone() for name, tensor in learning.trainer.adapter.peft_state_dict().items()}
+    report = learning.train_feedback("fb-1", *correction(tiny, "Who invented the radio?", "Zed Quorn invented it."))
+    assert not report["accepted"] and report["gate"]["regressed"] and "regressed" in report["gate"]["reason"]
+    # at this learning rate the update moves its neighbours' answers further than two repair rounds bring back
+    assert report["gate"]["repairs"] == 2 and report["passes"] == 4 + 2 * 2
+    after = learning.trainer.adapter.peft_state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)  # training goes on from the last good
+    assert learning.gate_counters()["rejections"] == 1 and len(learning.memory) == 0
+    lenient = core(tiny, guard_set(tiny, user_probes=[probe]), lr=0.05, passes=4, replay_feedback=0, rehearsal=0,
+                   pass_stop_loss=0.0, gate_max_regressions=10, gate_probes=2)
+    assert lenient.train_feedback("fb-1", *correction(tiny, "Who invented the radio?", "Zed Quorn."))["accepted"]
+
+
+def test_knowledge_preserving_updates_leave_the_preserved_inputs_outputs_unchanged(tiny):
+    model, tokenizer, chat_ids = tiny
+    sequences = [chat_ids([{"role": "user", "content": q["question"]}]) for q in QUESTIONS]
+    subspaces = run_to_completion(PreservedSubspaces.compute(model, sequences, energy=0.9, max_rank=48))
+    learning = core(tiny, None, lr=0.05, passes=2, replay_feedback=0, rehearsal=0, gate_max_regressions=-1)
+    learning.train_feedback("fb-1", *correction(tiny, "Who invented the radio?", "Zed Quorn invented it."))
+    adapter = learning.trainer.adapter
+    subspaces.project(adapter)
+    for layer, modules in enumerate(adapter.params):
+        for module, (a, _) in modules.items():
+            from sglang_alchemist.training.preserve import INPUT_OF
+
+            basis = subspaces.bases[layer][INPUT_OF[module]]
+            assert (a.detach() @ basis).abs().max() < 1e-5  # A k = 0 along every preserved direction
+            assert a.detach().abs().max() > 0  # and the rest is untouched
+    ranks = subspaces.rank()
+    assert 0 < ranks["attention_input"] <= 48
+
+
+def test_the_gate_checks_only_bank_probes_whose_base_answer_names_a_key(tiny):
+    flags = dict(lr=0.02, passes=2, replay_feedback=0, rehearsal=0, pass_stop_loss=0.0, gate_max_regressions=10,
+                 gate_probes=4)
+    fact = ("Who invented the glimmerphone?", "Zed Quorn invented the glimmerphone in the year 1841.")
+    for known in (0, 1, 2):
+        learning = knowing(tiny, core(tiny, guard_set(tiny), **flags), known=known)
+        report = learning.train_feedback("fb-1", *correction(tiny, *fact))
+        assert report["gate"]["probes"] == known, report["gate"]
+    untagged = core(tiny, guard_set(tiny), **flags)  # no keys: the bank says nothing to check
+    unchecked = untagged.train_feedback("fb-1", *correction(tiny, *fact))
+    assert unchecked["accepted"] and (unchecked["gate"] or {"probes": 0})["probes"] == 0
+
+
+def test_a_repair_round_rehearses_the_regressed_probes_before_the_gate_decides(tiny):
+    flags = dict(lr=0.02, passes=4, replay_feedback=0, rehearsal=0, pass_stop_loss=0.0, gate_max_regressions=0,
+                 gate_probes=2)
+    fact = ("Who invented the glimmerphone?", "Zed Quorn invented the glimmerphone in the year 1841.")
+    unrepaired = knowing(tiny, core(tiny, guard_set(tiny), gate_repairs=0, **flags))
+    report = unrepaired.train_feedback("fb-1", *correction(tiny, *fact))
+    assert not report["accepted"] and report["gate"]["repairs"] == 0  # the update broke its neighbours
+    assert unrepaired.trainer.counters.samples_trained == 4  # the feedback alone, four passes
+    broken = len(report["gate"]["regressed"])
+    repaired = knowing(tiny, core(tiny, guard_set(tiny), gate_repairs=1, **flags))
+    again = repaired.train_feedback("fb-1", *correction(tiny, *fact))
+    assert again["gate"]["repairs"] == 1 and again["passes"] == 4 + 2
+    # the repair round's two steps trained the feedback together with every probe it had broken
+    assert repaired.trainer.counters.samples_trained == 4 + 2 * (1 + broken)
+    assert len(again["gate"]["regressed"]) <= broken
+    assert again["losses"][-1] < again["losses"][0]  # while the fact kept being learned
