@@ -34,7 +34,7 @@ BENCHMARKS = [
 # Benchmarks whose committed results are missing or from an earlier protocol, and why; the
 # summary says so instead of showing figures (a test checks every other benchmark has results).
 NOT_RUN = {
-    "net_saving": "needs a train_throughput run with the PEFT comparison (not rerun on the current code)",
+    "net_saving": "needs recording_overhead and train_throughput results (run those first)",
 }
 
 
@@ -94,9 +94,14 @@ def summary() -> str:
                      f"{recording['median_throughput_ratio_all_over_none']:.2f} with recording | "
                      f"{recording['recorded_bytes_per_token'] / 1024:.0f} KiB recorded per prompt token |")
     if saving:
-        cells = "; ".join(f"{row['mix']}: {row['rates']['10%']['saving_share']:.0%}" for row in saving["mixes"])
+        def even(row: dict) -> str:
+            rate = row.get("break_even_feedback_rate")
+            return "never" if rate is None else f"{rate:.0%}"
+        cells = "; ".join(f"{row['mix']}: {row['rates']['10%']['saving_share']:+.0%} (break-even {even(row)})"
+                          for row in saving["mixes"])
         lines.append(f"| net saving at 10% feedback (ours only) | - | {cells} | engine seconds per trained "
-                     "feedback, recording cost included, vs a separate PEFT trainer |")
+                     "feedback, recording of every request included, vs a separate PEFT trainer; break-even: "
+                     "the feedback rate above which recording pays |")
     if quality and "split" not in quality:  # the earlier protocol (several rounds of corrections): not comparable
         quality = None
     if quality:
