@@ -224,7 +224,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model-path", default=str(smollm2.default_model_dir()))
     parser.add_argument("--tpot-slo-ms", type=float, default=200.0, help="the launcher's default target")
-    parser.add_argument("--light-seconds", type=float, default=90.0)
+    parser.add_argument("--light-seconds", type=float, default=180.0)
     parser.add_argument("--think-s", type=float, default=1.0)
     parser.add_argument("--light-tokens", type=int, default=32)
     parser.add_argument("--num-prompts", type=int, default=24)

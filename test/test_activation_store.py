@@ -80,6 +80,25 @@ def test_new_chunks_fill_device_then_lru_moves_to_host_first_layers_first():
     assert store.device_bytes <= store.device_budget_bytes
 
 
+def test_on_cpu_a_move_to_host_copies_no_bytes_and_each_tier_keeps_its_quota():
+    store = new_store(device_chunks=1, host_chunks=2)
+    assert store.device_pool.shares_slabs_with(store.host_pool)  # both tiers are RAM: one set of slabs
+    a = add(store, "a", [1, 2, 3, 4], [5, 6, 7, 8], fill=2.0)
+    pages = [layer.pages.clone() for layer in a.layers]
+    b = add(store, "b", [11, 12, 13, 14], [9, 9, 9, 9], fill=7.0)  # a moves to the host tier
+    assert tiers(a) == ["host"] * 3 and tiers(b) == ["device"] * 3
+    assert [torch.equal(layer.pages, before) for layer, before in zip(a.layers, pages, strict=True)] == [True] * 3
+    assert store.counters.layers_moved_to_host == 3 and store.counters.bytes_copied_to_host == 0
+    assert torch.equal(store.read(ChunkView(a, 0, 4), 1, ("x", "h"), 0, 4)["h"], torch.full((4, WIDTH), -3.0))
+    assert store.device_bytes == store.device_budget_bytes and store.host_bytes == CHUNK_BYTES
+    c = add(store, "c", [21, 22, 23, 24], [1, 1, 1, 1], fill=3.0)
+    d = add(store, "d", [31, 32, 33, 34], [2, 2, 2, 2], fill=4.0)  # host quota (2 chunks) full: drop the LRU
+    assert b.dropped and tiers(a) == tiers(c) == ["host"] * 3 and tiers(d) == ["device"] * 3  # a was read last
+    assert store.host_bytes == store.host_budget_bytes and store.device_bytes == store.device_budget_bytes
+    for chunk, fill in ((a, 2.0), (c, 3.0), (d, 4.0)):  # no page was handed to two chunks
+        assert torch.equal(store.read(ChunkView(chunk, 0, 4), 2, ("x",), 0, 4)["x"], torch.full((4, WIDTH), fill + 2))
+
+
 def test_budgets_are_never_exceeded_and_host_drops_the_oldest():
     store = new_store(device_chunks=1, host_chunks=2)
     chunks = [add(store, f"r{i}", [10 * i + j for j in range(4)], [i] * 4) for i in range(1, 9)]

@@ -16,9 +16,11 @@ import pytest
 import requests
 
 from sglang_alchemist.scheduler.controller import (
+    DUTY_STEP,
     IDLE_SLICE_FRACTION,
     MIN_DUTY,
     SLICE_FRACTION,
+    TPOT_ALLOWANCE,
     SloController,
 )
 from sglang_alchemist.scheduler.cost_model import SliceCostModel
@@ -172,11 +174,47 @@ def test_the_decode_duty_cycle_follows_the_measured_tpot_and_never_exceeds_the_s
     assert slo.duty == pytest.approx(share)
     grant = slo.grant(has_work=True, paused=False)
     assert grant.budget_s + grant.rest_s == pytest.approx(0.1) and grant.budget_s == pytest.approx(share * 0.1)
-    for _ in range(10):  # training slows decoding past the target: the duty drops fast
+    slo.training_began()
+    for _ in range(10):  # training slows decoding past the target: the duty drops fast, to nothing
         slo.on_batch(is_decode=True, started=clock, seconds=0.2)
         clock += 0.2
-    assert slo.duty == MIN_DUTY
+    assert slo.duty == 0.0
+    assert slo.grant(has_work=True, paused=False).reason == "decode_held"
     assert slo.status()["slo_attainment"] < 1.0
+
+
+def test_when_serving_alone_is_past_the_target_training_may_add_only_the_allowance():
+    slo = controller(share=0.5, tpot_s=0.150)
+    slo.note_queues(running=4, waiting=0)
+    clock = 0.0
+    for _ in range(20):  # a large batch: serving alone takes 200 ms per token, past the 150 ms target
+        slo.on_batch(is_decode=True, started=clock, seconds=0.2)
+        clock += 0.2
+    assert slo.tpot_limit_s() == pytest.approx(0.2 * (1 + TPOT_ALLOWANCE))
+    assert slo.duty == pytest.approx(0.5)  # serving's own steps do not count against training
+    baseline_samples = slo.status()["baseline_tpot_samples"]
+    slo.training_began()
+    slo.on_batch(is_decode=True, started=clock, seconds=0.205)  # within the allowance: the duty holds
+    assert slo.duty == pytest.approx(0.5)
+    for _ in range(6):  # training adds 15%: the duty falls to nothing
+        clock += 0.23
+        slo.on_batch(is_decode=True, started=clock, seconds=0.23)
+    assert slo.duty == 0.0 and slo.status()["baseline_tpot_samples"] == baseline_samples  # training's steps left out
+    slo.training_ended()
+    for _ in range(2):  # training stopped: serving's own steps are within the limit again
+        clock += 0.2
+        slo.on_batch(is_decode=True, started=clock, seconds=0.2)
+    assert slo.duty == pytest.approx(2 * DUTY_STEP)
+
+
+def test_a_decode_grant_never_plans_a_slice_longer_than_itself_and_its_rest_absorbs_an_overrun():
+    slo = controller(share=0.5, tpot_s=0.400)
+    slo.note_queues(running=1, waiting=0)
+    slo.duty = MIN_DUTY
+    grant = slo.grant(has_work=True, paused=False)
+    assert grant.reason == "decode" and grant.max_slice_s == pytest.approx(MIN_DUTY * 0.1)
+    assert slo.rest_after(grant, used_s=0.03) == pytest.approx(0.03 * (1 - MIN_DUTY) / MIN_DUTY)
+    assert slo.rest_after(grant, used_s=0.001) == pytest.approx(grant.rest_s)
 
 
 def test_prefill_between_decode_steps_is_not_counted_as_time_per_output_token():

@@ -10,6 +10,11 @@ start-up); the trainer reads rows back by gathering pages.
 
 A :class:`TierPool` knows nothing about chunks, owners or eviction - that is
 ``memory/store.py``; it only hands out and takes back pages, per layer, and moves bytes.
+
+Two tiers in the same memory share their slabs (:meth:`TierPool.pair`): on CPU the "device"
+tier is RAM like the host tier, so each tier is a *quota* of pages drawn from one stock, and a
+tier move is bookkeeping (:meth:`TierPool.hand_over`) instead of a copy of every byte. Each
+budget still holds: a tier never holds more pages than its own quota.
 """
 
 from __future__ import annotations
@@ -20,56 +25,90 @@ PAGE_ROWS = 16
 
 
 class TierPool:
-    """One tier: ``slabs[layer][name]`` of shape [pages, PAGE_ROWS, width], and a free list per layer."""
+    """One tier: ``slabs[layer][name]`` of shape [pages, PAGE_ROWS, width], and at most ``pages`` of them per layer.
+
+    ``pages`` is the tier's quota; the page numbers themselves come from a stock of free pages
+    per layer, which a pool either owns or shares with the other tier of a :meth:`pair`.
+    """
 
     def __init__(self, widths: dict[str, int], num_layers: int, budget_bytes: int, dtype: torch.dtype,
-                 device: torch.device, pin: bool = False) -> None:
+                 device: torch.device, pin: bool = False, _stock: _PageStock | None = None) -> None:
         element = torch.empty(0, dtype=dtype).element_size()
         self.page_bytes = PAGE_ROWS * sum(widths.values()) * element  # one page of one layer
         self.pages = max(0, budget_bytes // self.page_bytes // max(num_layers, 1))
         self.widths = widths
         self.device = device
         self.budget_bytes = budget_bytes
-        self.slabs: list[dict[str, torch.Tensor]] = [
-            {name: torch.zeros(self.pages, PAGE_ROWS, width, dtype=dtype, device=device, pin_memory=pin)
-             for name, width in widths.items()}
-            for _ in range(num_layers)
-        ]
-        # a stack per layer; popping from the end hands out low page numbers first
-        self._free: list[list[int]] = [list(range(self.pages - 1, -1, -1)) for _ in range(num_layers)]
+        self._stock = _stock or _PageStock(widths, num_layers, self.pages, dtype, device, pin)
+        self.slabs = self._stock.slabs
+        self._used = [0] * num_layers
+
+    @classmethod
+    def pair(cls, widths: dict[str, int], num_layers: int, budget_a: int, budget_b: int, dtype: torch.dtype,
+             device: torch.device) -> tuple[TierPool, TierPool]:
+        """Two tiers in the same memory: one set of slabs, a quota each, moves without copies."""
+        element = torch.empty(0, dtype=dtype).element_size()
+        page_bytes = PAGE_ROWS * sum(widths.values()) * element
+        pages = sum(max(0, budget // page_bytes // max(num_layers, 1)) for budget in (budget_a, budget_b))
+        stock = _PageStock(widths, num_layers, pages, dtype, device, pin=False)
+        return (cls(widths, num_layers, budget_a, dtype, device, _stock=stock),
+                cls(widths, num_layers, budget_b, dtype, device, _stock=stock))
+
+    def shares_slabs_with(self, other: TierPool) -> bool:
+        return self._stock is other._stock
 
     @property
     def capacity_bytes(self) -> int:
         return self.pages * self.page_bytes * len(self.slabs)
 
     def free_pages(self, layer: int) -> int:
-        return len(self._free[layer])
+        return self.pages - self._used[layer]
 
     def used_bytes(self) -> int:
-        return sum((self.pages - len(free)) * self.page_bytes for free in self._free)
+        return sum(self._used) * self.page_bytes
 
     def allocate(self, layer: int, count: int) -> torch.Tensor | None:
-        free = self._free[layer]
-        if count > len(free):
+        if count > self.free_pages(layer):
             return None
+        free = self._stock.free[layer]
         taken = [free.pop() for _ in range(count)]
+        self._used[layer] += count
         return torch.tensor(taken, dtype=torch.int64)
 
     def release(self, layer: int, pages: torch.Tensor) -> None:
-        self._free[layer].extend(reversed(pages.tolist()))
+        self._stock.free[layer].extend(reversed(pages.tolist()))
+        self._used[layer] -= int(pages.numel())
+
+    def hand_over(self, layer: int, pages: torch.Tensor, destination: TierPool) -> bool:
+        """Move pages to a tier sharing these slabs, bytes untouched; False if its quota is full."""
+        count = int(pages.numel())
+        if not self.shares_slabs_with(destination) or count > destination.free_pages(layer):
+            return False
+        self._used[layer] -= count
+        destination._used[layer] += count
+        return True
 
     # --- bytes --------------------------------------------------------------------------------
 
     def write(self, layer: int, pages: torch.Tensor, name: str, rows: torch.Tensor) -> None:
-        """Write ``rows`` ([n, width], any device/strides) at row 0.. of ``pages``."""
+        """Write ``rows`` ([n, width], any device/strides) at row 0.. of ``pages``.
+
+        Each run of consecutive page numbers (a fresh chunk's pages usually form one: the free
+        stack hands out low numbers first) is one strided copy straight from the forward's
+        tensor, with no contiguous temporary for column slices such as q, k and v.
+        """
         slab = self.slabs[layer][name]
         count = rows.shape[0]
-        full, tail = divmod(count, PAGE_ROWS)
-        if full:
-            target = pages[:full].to(slab.device, non_blocking=True)
-            slab.index_copy_(0, target, rows[: full * PAGE_ROWS].reshape(full, PAGE_ROWS, rows.shape[1]).to(slab.dtype))
-        if tail:
-            slab[int(pages[full])][:tail].copy_(rows[full * PAGE_ROWS :], non_blocking=True)
+        numbers = pages[: (count + PAGE_ROWS - 1) // PAGE_ROWS].tolist()
+        first = 0
+        while first < len(numbers):
+            last = first
+            while last + 1 < len(numbers) and numbers[last + 1] == numbers[last] + 1:
+                last += 1
+            low, high = first * PAGE_ROWS, min(count, (last + 1) * PAGE_ROWS)
+            target = slab[numbers[first] : numbers[last] + 1].view(-1, slab.shape[-1])
+            target[: high - low].copy_(rows[low:high], non_blocking=True)
+            first = last + 1
 
     def read(self, layer: int, pages: torch.Tensor, name: str, start: int, end: int) -> torch.Tensor:
         """Rows ``[start, end)`` of a chunk layer stored in ``pages`` (a copy unless one page holds them)."""
@@ -92,3 +131,17 @@ class TierPool:
 
 def pages_for(rows: int) -> int:
     return (rows + PAGE_ROWS - 1) // PAGE_ROWS
+
+
+class _PageStock:
+    """The slabs and the free page numbers of each layer, owned by one tier or shared by a pair."""
+
+    def __init__(self, widths: dict[str, int], num_layers: int, pages: int, dtype: torch.dtype,
+                 device: torch.device, pin: bool) -> None:
+        self.slabs: list[dict[str, torch.Tensor]] = [
+            {name: torch.zeros(pages, PAGE_ROWS, width, dtype=dtype, device=device, pin_memory=pin)
+             for name, width in widths.items()}
+            for _ in range(num_layers)
+        ]
+        # a stack per layer; popping from the end hands out low page numbers first
+        self.free: list[list[int]] = [list(range(pages - 1, -1, -1)) for _ in range(num_layers)]

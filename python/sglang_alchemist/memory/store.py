@@ -32,7 +32,8 @@ Threads: the scheduler thread records and evicts, the training thread reads and 
 bookkeeping happens under ``lock``. Page contents are written without it (a chunk's pages belong
 to it alone until it is released) and read without it (the reader pins the chunk first).
 On CUDA the host tier is pinned memory and moves run on a side stream ordered by events; on CPU
-both tiers are RAM and a move is a copy between two slabs.
+both tiers are RAM, so they share one set of slabs (``TierPool.pair``, a page quota each) and a
+move changes the pages' tier without copying a byte (``bytes_copied_to_host`` stays 0).
 """
 
 from __future__ import annotations
@@ -110,6 +111,7 @@ class StoreCounters:
     chunks_stored: int = 0
     chunks_not_stored: int = 0  # did not fit in device + host pages
     layers_moved_to_host: int = 0
+    bytes_copied_to_host: int = 0  # 0 on CPU, where the tiers share slabs and a move copies nothing
     chunks_dropped: int = 0  # host tier full: dropped (samples compute those rows)
     chunks_released: int = 0  # no sample needs them any more
     prefix_lookups: int = 0
@@ -130,8 +132,13 @@ class ActivationStore:
         self.num_layers = num_layers
         self.widths = widths
         self.element_size = torch.empty(0, dtype=dtype).element_size()
-        self.device_pool = TierPool(widths, num_layers, device_budget_bytes, dtype, self.device)
-        self.host_pool = TierPool(widths, num_layers, host_budget_bytes, dtype, torch.device("cpu"), pin=self._cuda)
+        if self.device.type == "cpu":  # both tiers are RAM: one set of slabs, a move is bookkeeping
+            self.device_pool, self.host_pool = TierPool.pair(widths, num_layers, device_budget_bytes,
+                                                             host_budget_bytes, dtype, self.device)
+        else:
+            self.device_pool = TierPool(widths, num_layers, device_budget_bytes, dtype, self.device)
+            self.host_pool = TierPool(widths, num_layers, host_budget_bytes, dtype, torch.device("cpu"),
+                                      pin=self._cuda)
         self.device_budget_bytes = device_budget_bytes
         self.host_budget_bytes = host_budget_bytes
         self.chunks: dict[int, RecordedChunk] = {}
@@ -418,27 +425,30 @@ class ActivationStore:
         if chunk_layer.tier is Tier.HOST:
             return False
         count = int(chunk_layer.pages.numel())
-        host_pages = None
-        if count <= self.host_pool.pages:
-            while self.host_pool.free_pages(layer) < count:
-                victim = min((c for c in self.chunks.values() if c.evictable and c is not protect
-                              and c.layers[layer].tier is Tier.HOST), key=lambda c: c.last_used, default=None)
-                if victim is None:
-                    break
-                self._drop(victim)
-            host_pages = self.host_pool.allocate(layer, count)
-        if host_pages is None:
+        if count > self.host_pool.pages:
             return False
-        if self._cuda:
-            with torch.cuda.stream(self._copy_stream):
-                self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
-                self.device_pool.copy_pages(layer, chunk_layer.pages, self.host_pool, host_pages, non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(self._copy_stream)
-            self._pending_device_free.append((event, layer, chunk_layer.pages))
+        while self.host_pool.free_pages(layer) < count:
+            victim = min((c for c in self.chunks.values() if c.evictable and c is not protect
+                          and c.layers[layer].tier is Tier.HOST), key=lambda c: c.last_used, default=None)
+            if victim is None:
+                return False
+            self._drop(victim)
+        if self.device_pool.hand_over(layer, chunk_layer.pages, self.host_pool):
+            host_pages = chunk_layer.pages  # same slabs: the pages change tier, no byte moves
         else:
-            self.device_pool.copy_pages(layer, chunk_layer.pages, self.host_pool, host_pages)
-            self.device_pool.release(layer, chunk_layer.pages)
+            host_pages = self.host_pool.allocate(layer, count)
+            self.counters.bytes_copied_to_host += count * self.device_pool.page_bytes
+            if self._cuda:
+                with torch.cuda.stream(self._copy_stream):
+                    self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))
+                    self.device_pool.copy_pages(layer, chunk_layer.pages, self.host_pool, host_pages,
+                                                non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record(self._copy_stream)
+                self._pending_device_free.append((event, layer, chunk_layer.pages))
+            else:
+                self.device_pool.copy_pages(layer, chunk_layer.pages, self.host_pool, host_pages)
+                self.device_pool.release(layer, chunk_layer.pages)
         chunk.layers[layer] = ChunkLayer(Tier.HOST, host_pages)
         self.counters.layers_moved_to_host += 1
         self._note_peaks()

@@ -8,11 +8,17 @@ not see is the serving-latency target, so between two slices the worker asks :me
 1. **Paused, or nothing to train** -> wait.
 2. **A prefill is waiting** (a request was received and not yet prefilled) -> wait until the
    prefill has run: nothing may delay a first token (``--alchemist-ttft-slo-ms``).
-3. **Requests are decoding** -> run, in slices of at most ``SLICE_FRACTION`` of
-   ``--alchemist-tpot-slo-ms``, with a duty cycle: each grant lasts ``duty x PERIOD_S`` and is
-   followed by a rest of the remainder. The duty follows the *measured* time per output token
-   (additive increase while the recent TPOT is under ``(1 - SAFETY_MARGIN)`` of the target,
-   multiplicative decrease above it), and it never exceeds ``--alchemist-train-share``.
+3. **Requests are decoding** -> run, with a duty cycle: each grant lasts ``duty x PERIOD_S``
+   and is followed by a rest that keeps the real share of time at ``duty`` even when a slice
+   overruns (:meth:`rest_after`); no slice is planned longer than the grant, nor than
+   ``SLICE_FRACTION`` of ``--alchemist-tpot-slo-ms``. The duty follows the *measured* time per
+   output token: additive increase while the recent TPOT is within the *limit*, multiplicative
+   decrease above it, down to 0 (no training while requests decode), and never above
+   ``--alchemist-train-share``. The limit is the larger of ``(1 - SAFETY_MARGIN)`` of the target
+   and ``(1 + TPOT_ALLOWANCE)`` times the *baseline*: the median TPOT of recent decode steps
+   during which no training ran. So training uses the target's headroom when serving leaves
+   some, and when serving alone is already at or past the target (a slow machine, a large
+   batch) it may add at most ``TPOT_ALLOWANCE`` to what serving costs without it.
 4. **Idle engine** -> run, in slices of at most ``IDLE_SLICE_FRACTION`` of the TTFT target (a
    request that arrives mid-slice preempts it at the OS level; on a GPU, where nothing
    preempts a kernel queue, the slice length bounds its wait).
@@ -42,8 +48,9 @@ IDLE_SLICE_FRACTION = 0.05  # longest slice on an idle engine, as a share of the
 IDLE_SLICE_CAP_S = 0.25
 PERIOD_S = 0.1  # a decode-time grant and its rest add up to this
 SAFETY_MARGIN = 0.1  # of the TPOT target, kept free for noise
+TPOT_ALLOWANCE = 0.05  # what training may add to serving's own TPOT when that is past the target
 DUTY_STEP = 0.05
-MIN_DUTY = 0.05
+MIN_DUTY = 0.05  # below this the duty is 0: a sliver of a grant is all overhead
 RECENT_DECODES = 16
 WAIT_RECHECK_S = 0.02
 
@@ -51,7 +58,7 @@ WAIT_RECHECK_S = 0.02
 @dataclass
 class Grant:
     budget_s: float  # run slices for this long (0: wait)
-    reason: str  # "paused", "no_work", "waiting_prefill", "decode", "idle"
+    reason: str  # "paused", "no_work", "waiting_prefill", "decode_held", "decode", "idle"
     max_slice_s: float = 0.0
     rest_s: float = 0.0  # after the budget, sleep this long (decode duty cycle)
 
@@ -84,6 +91,9 @@ class SloController:
         self.waiting = 0
         self.prefill_running = False  # set by the scheduler thread around a prefill forward
         self._recent_tpot: deque[float] = deque(maxlen=RECENT_DECODES)
+        self._baseline_tpot: deque[float] = deque(maxlen=RECENT_DECODES)  # decode steps with no training
+        self._training_busy = False  # the training thread is inside a grant (set by the worker)
+        self._training_last_end = float("-inf")
         self._last_decode_end: float | None = None
         self._prefill_since_decode = 0.0
         self._started = time.monotonic()
@@ -107,6 +117,8 @@ class SloController:
                 self.counters.decode_steps += 1
                 self.counters.decode_steps_within_slo += int(tpot <= self.tpot_slo_s)
                 self.counters.worst_tpot_s = max(self.counters.worst_tpot_s, tpot)
+                if not self._training_busy and self._training_last_end <= self._last_decode_end:
+                    self._baseline_tpot.append(tpot)  # no training ran during this step
                 self._adapt_duty(tpot)
             self._last_decode_end = end
             self._prefill_since_decode = 0.0
@@ -122,11 +134,37 @@ class SloController:
         self._last_decode_end = None
         self._prefill_since_decode = 0.0
 
+    def tpot_limit_s(self) -> float:
+        """The recent TPOT up to which training may run while requests decode (see the module doc)."""
+        limit = self.tpot_slo_s * (1 - SAFETY_MARGIN)
+        if self._baseline_tpot:
+            baseline = sorted(self._baseline_tpot)[len(self._baseline_tpot) // 2]
+            limit = max(limit, baseline * (1 + TPOT_ALLOWANCE))
+        return limit
+
     def _adapt_duty(self, tpot: float) -> None:
-        if tpot > self.tpot_slo_s * (1 - SAFETY_MARGIN):
-            self.duty = max(MIN_DUTY, self.duty / 2)
+        if tpot > self.tpot_limit_s():
+            self.duty = self.duty / 2 if self.duty / 2 >= MIN_DUTY else 0.0
         else:
             self.duty = min(self.train_share, self.duty + DUTY_STEP)
+
+    # --- the training thread's activity (worker) ---------------------------------------------------
+
+    def training_began(self) -> None:
+        self._training_busy = True
+
+    def training_ended(self) -> None:
+        self._training_last_end = time.monotonic()
+        self._training_busy = False
+
+    def rest_after(self, grant: Grant, used_s: float) -> float:
+        """Seconds to rest after a grant that ran for ``used_s``: a decode grant's slices may
+        overrun its budget (a slice's length is a prediction), and the rest grows with them so
+        that training's share of the time stays at the duty."""
+        if grant.reason != "decode" or grant.budget_s <= 0:
+            return grant.rest_s
+        share = grant.budget_s / PERIOD_S
+        return max(grant.rest_s, used_s * (1 - share) / share)
 
     # --- grants (training thread) ---------------------------------------------------------------
 
@@ -139,7 +177,10 @@ class SloController:
             grant = Grant(0.0, "waiting_prefill")
         elif self.running > 0:
             budget = self.duty * PERIOD_S
-            grant = Grant(budget, "decode", SLICE_FRACTION * self.tpot_slo_s, PERIOD_S - budget)
+            if budget <= 0:
+                grant = Grant(0.0, "decode_held")  # training would push decoding past the limit
+            else:
+                grant = Grant(budget, "decode", min(SLICE_FRACTION * self.tpot_slo_s, budget), PERIOD_S - budget)
         else:
             grant = Grant(PERIOD_S, "idle", min(IDLE_SLICE_CAP_S, IDLE_SLICE_FRACTION * self.ttft_slo_s))
         self.counters.grants[grant.reason] = self.counters.grants.get(grant.reason, 0) + 1
@@ -185,6 +226,8 @@ class SloController:
             "decode_steps_within_slo": c.decode_steps_within_slo,
             "slo_attainment": c.decode_steps_within_slo / c.decode_steps if c.decode_steps else None,
             "recent_tpot_p50_ms": recent[len(recent) // 2] * 1000 if recent else None,
+            "tpot_limit_ms": self.tpot_limit_s() * 1000,
+            "baseline_tpot_samples": len(self._baseline_tpot),
             "worst_tpot_ms": c.worst_tpot_s * 1000,
             "first_tokens": c.first_tokens,
             "first_tokens_within_slo": c.first_tokens_within_slo,

@@ -8,7 +8,13 @@ both, with what the platform already gives:
 - **CPU.** The thread runs at the lowest priority (``nice 19``, per thread on Linux), so the
   kernel's scheduler hands every core serving wants to serving - within microseconds, mid-slice
   - and training gets the cycles serving leaves: idle time, and the gaps of a decode step.
-  Its intra-op (OpenMP) threads are created by it and inherit its priority. (Computing on one
+  Its intra-op (OpenMP) threads are created by it and inherit its priority. While requests
+  are being served it computes on one intra-op thread (``SERVING_TRAINING_THREADS``), on an
+  idle engine on as many as serving uses: measured on 2 cores, serving's decode loop keeps
+  about one core busy and its second OpenMP thread mostly waits, and a two-thread training
+  team there only runs as fast as its starved member while competing with serving's worker
+  on the other core (docs/NOTES.md). ``torch.set_num_threads`` called in this thread sets
+  this thread's OpenMP and MKL thread counts; serving's thread keeps its own. (Computing on one
   thread while requests are served was tried: training then made no progress under
   back-to-back traffic on 2 cores, ``test_slo_scheduler``.)
   PyTorch ops release the GIL, so the two threads overlap their math; the GIL switch interval
@@ -27,6 +33,7 @@ import logging
 import os
 import sys
 import threading
+import time
 
 import torch
 
@@ -37,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 NICENESS = 19
 GIL_SWITCH_S = 0.001
+SERVING_TRAINING_THREADS = 1  # intra-op threads of a training slice while requests are served (CPU)
 
 
 class TrainingWorker:
@@ -45,6 +53,7 @@ class TrainingWorker:
         self.controller = controller
         self.device = device
         self.errors = 0
+        self.threads = 0  # intra-op threads of the last grant (CPU), for the status
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="alchemist-trainer", daemon=True)
 
@@ -69,12 +78,18 @@ class TrainingWorker:
         except (OSError, AttributeError) as error:  # not Linux, or not allowed: training still runs
             logger.warning("sglang_alchemist: could not lower the training thread's priority: %s", error)
 
+    def _use_threads(self, count: int) -> None:
+        if count != self.threads:
+            torch.set_num_threads(count)  # this thread's intra-op threads (see the module doc)
+            self.threads = count
+
     def _run(self) -> None:
         self._lower_priority()
         stream = None
         if self.device.type == "cuda":
             low, _ = torch.cuda.Stream.priority_range()  # numerically larger = lower priority
             stream = torch.cuda.Stream(self.device, priority=low)
+        idle_threads = torch.get_num_threads()  # serving's count, inherited by this thread
         with torch.no_grad(), (torch.cuda.stream(stream) if stream is not None else _nothing()):
             while not self._stop.is_set():
                 lane, controller = self.lane, self.controller
@@ -84,13 +99,21 @@ class TrainingWorker:
                     lane.wake.wait(WAIT_RECHECK_S if grant.reason != "no_work" else 1.0)
                     lane.wake.clear()
                     continue
+                if self.device.type == "cpu":
+                    self._use_threads(idle_threads if grant.reason == "idle"
+                                      else min(idle_threads, SERVING_TRAINING_THREADS))
+                started = time.monotonic()
+                controller.training_began()
                 try:
                     lane.run(grant, controller)
                 except Exception:  # the thread must survive anything a slice does
                     self.errors += 1
                     logger.exception("sglang_alchemist: the training thread caught an error (training continues)")
-                if grant.rest_s > 0:
-                    self._stop.wait(grant.rest_s)
+                finally:
+                    controller.training_ended()
+                rest = controller.rest_after(grant, time.monotonic() - started)
+                if rest > 0:
+                    self._stop.wait(rest)
 
 
 class _nothing:
