@@ -57,8 +57,13 @@ def net(recording: dict, training: dict) -> dict:
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Recording costs {result['extra_prefill_seconds_per_prompt_token'] * 1000:.3f} ms of prefill per "
-             "prompt token (median of alternating rounds).", "",
+    per_token = result["extra_prefill_seconds_per_prompt_token"]
+    cost = (f"Recording costs {per_token * 1000:.3f} ms of prefill per prompt token (median of alternating rounds)."
+            if per_token > 0 else
+            f"Recording's extra prefill time was below this run's noise (median of the alternating rounds' "
+            f"differences {per_token * 1000:.3f} ms per prompt token, counted as 0): the savings below are "
+            "training's alone, and a noisier run charges recording again.")
+    lines = [cost, "",
              "| mix | seconds per trained feedback, Alchemist / separate trainer, at 1% / 10% / 100% feedback "
              "| break-even feedback rate |", "| --- | --- | --- |"]
     for row in result["mixes"]:

@@ -90,8 +90,11 @@ def summary() -> str:
         lines.append(f"| serving latency impact | negligible | {cells} | client-measured, training paused -> on "
                      f"(a backlog waiting), TPOT target {impact['config']['tpot_slo_ms']:.0f} ms |")
     if recording:
+        ratios = [r["all"]["input_throughput"] / r["none"]["input_throughput"] for r in recording["rounds"]]
         lines.append(f"| recording overhead (ours only) | - | prefill throughput x"
-                     f"{recording['median_throughput_ratio_all_over_none']:.2f} with recording | "
+                     f"{recording['median_throughput_ratio_all_over_none']:.2f} with recording "
+                     f"(median of {len(recording['rounds'])} alternating pairs; pairs "
+                     f"{min(ratios):.2f}-{max(ratios):.2f}) | "
                      f"{recording['recorded_bytes_per_token'] / 1024:.0f} KiB recorded per prompt token |")
     if saving:
         def even(row: dict) -> str:
@@ -99,9 +102,11 @@ def summary() -> str:
             return "never" if rate is None else f"{rate:.0%}"
         cells = "; ".join(f"{row['mix']}: {row['rates']['10%']['saving_share']:+.0%} (break-even {even(row)})"
                           for row in saving["mixes"])
+        free = (" (recording's cost was below the run's noise, counted as 0)"
+                if saving["extra_prefill_seconds_per_prompt_token"] <= 0 else "")
         lines.append(f"| net saving at 10% feedback (ours only) | - | {cells} | engine seconds per trained "
                      "feedback, recording of every request included, vs a separate PEFT trainer; break-even: "
-                     "the feedback rate above which recording pays |")
+                     f"the feedback rate above which recording pays{free} |")
     if quality and "split" not in quality:  # the earlier protocol (several rounds of corrections): not comparable
         quality = None
     if quality:
