@@ -33,9 +33,8 @@ class TierPool:
 
     def __init__(self, widths: dict[str, int], num_layers: int, budget_bytes: int, dtype: torch.dtype,
                  device: torch.device, pin: bool = False, _stock: _PageStock | None = None) -> None:
-        element = torch.empty(0, dtype=dtype).element_size()
-        self.page_bytes = PAGE_ROWS * sum(widths.values()) * element  # one page of one layer
-        self.pages = max(0, budget_bytes // self.page_bytes // max(num_layers, 1))
+        self.page_bytes = _page_bytes(widths, dtype)  # one page of one layer
+        self.pages = _quota(budget_bytes, self.page_bytes, num_layers)
         self.widths = widths
         self.device = device
         self.budget_bytes = budget_bytes
@@ -47,9 +46,8 @@ class TierPool:
     def pair(cls, widths: dict[str, int], num_layers: int, budget_a: int, budget_b: int, dtype: torch.dtype,
              device: torch.device) -> tuple[TierPool, TierPool]:
         """Two tiers in the same memory: one set of slabs, a quota each, moves without copies."""
-        element = torch.empty(0, dtype=dtype).element_size()
-        page_bytes = PAGE_ROWS * sum(widths.values()) * element
-        pages = sum(max(0, budget // page_bytes // max(num_layers, 1)) for budget in (budget_a, budget_b))
+        page_bytes = _page_bytes(widths, dtype)
+        pages = sum(_quota(budget, page_bytes, num_layers) for budget in (budget_a, budget_b))
         stock = _PageStock(widths, num_layers, pages, dtype, device, pin=False)
         return (cls(widths, num_layers, budget_a, dtype, device, _stock=stock),
                 cls(widths, num_layers, budget_b, dtype, device, _stock=stock))
@@ -99,7 +97,7 @@ class TierPool:
         """
         slab = self.slabs[layer][name]
         count = rows.shape[0]
-        numbers = pages[: (count + PAGE_ROWS - 1) // PAGE_ROWS].tolist()
+        numbers = pages[: pages_for(count)].tolist()
         first = 0
         while first < len(numbers):
             last = first
@@ -131,6 +129,15 @@ class TierPool:
 
 def pages_for(rows: int) -> int:
     return (rows + PAGE_ROWS - 1) // PAGE_ROWS
+
+
+def _page_bytes(widths: dict[str, int], dtype: torch.dtype) -> int:
+    return PAGE_ROWS * sum(widths.values()) * torch.empty(0, dtype=dtype).element_size()
+
+
+def _quota(budget_bytes: int, page_bytes: int, num_layers: int) -> int:
+    """Pages per layer that a byte budget buys."""
+    return max(0, budget_bytes // page_bytes // max(num_layers, 1))
 
 
 class _PageStock:
