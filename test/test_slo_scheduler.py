@@ -16,11 +16,15 @@ import pytest
 import requests
 
 from sglang_alchemist.scheduler.controller import (
+    BETWEEN_SLICE_CAP_S,
     DUTY_STEP,
+    HEADROOM_SHARE,
     IDLE_SLICE_FRACTION,
     MIN_DUTY,
+    SAFETY_MARGIN,
     SLICE_FRACTION,
     TPOT_ALLOWANCE,
+    TRAFFIC_GAP_S,
     SloController,
 )
 from sglang_alchemist.scheduler.cost_model import SliceCostModel
@@ -161,6 +165,36 @@ def test_an_idle_grant_cuts_slices_to_a_fraction_of_the_ttft_target():
     slo.on_first_token(0.1)
     slo.on_first_token(6.0)
     assert slo.status()["ttft_attainment"] == 0.5 and slo.status()["worst_ttft_ms"] == 6000
+
+
+def test_just_after_traffic_idle_slices_are_short_until_the_engine_has_been_idle_a_while():
+    slo = controller(ttft_s=2.0)
+    slo.note_queues(running=1, waiting=0)
+    slo.note_queues(running=0, waiting=0)  # the request finished just now
+    grant = slo.grant(has_work=True, paused=False)
+    assert grant.reason == "between_requests" and grant.max_slice_s == pytest.approx(BETWEEN_SLICE_CAP_S)
+    assert slo.still_granted(grant)
+    slo._last_busy -= TRAFFIC_GAP_S  # as if the engine had been idle for TRAFFIC_GAP_S
+    grant = slo.grant(has_work=True, paused=False)
+    assert grant.reason == "idle" and grant.max_slice_s == pytest.approx(IDLE_SLICE_FRACTION * 2.0)
+    assert slo.status()["grants"] == {"between_requests": 1, "idle": 1}
+
+
+def test_with_headroom_training_may_take_half_of_it_not_all():
+    slo = controller(share=0.5, tpot_s=0.200)
+    slo.note_queues(running=1, waiting=0)
+    assert slo.tpot_limit_s() == pytest.approx(0.200 * (1 - SAFETY_MARGIN))  # no baseline yet
+    clock = 0.0
+    for _ in range(20):  # serving alone: 100 ms per token
+        slo.on_batch(is_decode=True, started=clock, seconds=0.1)
+        clock += 0.1
+    limit = 0.1 + HEADROOM_SHARE * (0.200 * (1 - SAFETY_MARGIN) - 0.1)
+    assert slo.tpot_limit_s() == pytest.approx(limit) and limit < 0.18
+    slo.training_began()
+    for _ in range(6):  # training pushes decoding to 170 ms: within the target, past the limit
+        clock += 0.17
+        slo.on_batch(is_decode=True, started=clock, seconds=0.17)
+    assert slo.duty == 0.0
 
 
 @pytest.mark.parametrize("share", [0.2, 0.5])

@@ -14,14 +14,22 @@ not see is the serving-latency target, so between two slices the worker asks :me
    ``SLICE_FRACTION`` of ``--alchemist-tpot-slo-ms``. The duty follows the *measured* time per
    output token: additive increase while the recent TPOT is within the *limit*, multiplicative
    decrease above it, down to 0 (no training while requests decode), and never above
-   ``--alchemist-train-share``. The limit is the larger of ``(1 - SAFETY_MARGIN)`` of the target
-   and ``(1 + TPOT_ALLOWANCE)`` times the *baseline*: the median TPOT of recent decode steps
-   during which no training ran. So training uses the target's headroom when serving leaves
-   some, and when serving alone is already at or past the target (a slow machine, a large
-   batch) it may add at most ``TPOT_ALLOWANCE`` to what serving costs without it.
-4. **Idle engine** -> run, in slices of at most ``IDLE_SLICE_FRACTION`` of the TTFT target (a
-   request that arrives mid-slice preempts it at the OS level; on a GPU, where nothing
-   preempts a kernel queue, the slice length bounds its wait).
+   ``--alchemist-train-share``. The limit starts at ``(1 - SAFETY_MARGIN)`` of the target; once
+   the *baseline* is known (the median TPOT of recent decode steps during which no training ran)
+   it is the baseline plus ``HEADROOM_SHARE`` of the headroom up to that, and never less than
+   ``(1 + TPOT_ALLOWANCE)`` times the baseline. So training uses half the target's headroom when
+   serving leaves some (a limit at the headroom's top held the median there and sent requests'
+   TPOT p99 past the target at 80% load: measured, docs/NOTES.md), and when serving alone is
+   already at or past the target (a slow machine, a large batch) it may add at most
+   ``TPOT_ALLOWANCE`` to what serving costs without it.
+4. **Between requests** (nothing runs or waits, but something did within ``TRAFFIC_GAP_S``) ->
+   run, in slices of at most ``BETWEEN_SLICE_CAP_S``, on one intra-op thread (the worker): under
+   traffic the next request is likely to arrive mid-slice, and its prefill then shares the
+   cores with the slice until it ends (measured: TTFT p90 x1.8 at 80% load with idle-length
+   slices on two threads).
+5. **Idle engine** -> run, in slices of at most ``IDLE_SLICE_FRACTION`` of the TTFT target on
+   all of serving's threads (a request that arrives mid-slice preempts it at the OS level; on a
+   GPU, where nothing preempts a kernel queue, the slice length bounds its wait).
 
 The cost model (``scheduler/cost_model.py``) turns the slice bound into rows per slice.
 
@@ -46,6 +54,9 @@ from sglang_alchemist.scheduler.cost_model import SliceCostModel
 SLICE_FRACTION = 0.25  # longest slice while requests decode, as a share of the TPOT target
 IDLE_SLICE_FRACTION = 0.05  # longest slice on an idle engine, as a share of the TTFT target
 IDLE_SLICE_CAP_S = 0.25
+TRAFFIC_GAP_S = 2.0  # an engine idle for less than this since its last request is "between requests"
+BETWEEN_SLICE_CAP_S = 0.025  # longest slice between requests
+HEADROOM_SHARE = 0.5  # of the headroom between serving's own TPOT and the limit, what training may use
 PERIOD_S = 0.1  # a decode-time grant and its rest add up to this
 SAFETY_MARGIN = 0.1  # of the TPOT target, kept free for noise
 TPOT_ALLOWANCE = 0.05  # what training may add to serving's own TPOT when that is past the target
@@ -58,7 +69,7 @@ WAIT_RECHECK_S = 0.02
 @dataclass
 class Grant:
     budget_s: float  # run slices for this long (0: wait)
-    reason: str  # "paused", "no_work", "waiting_prefill", "decode_held", "decode", "idle"
+    reason: str  # "paused", "no_work", "waiting_prefill", "decode_held", "decode", "between_requests", "idle"
     max_slice_s: float = 0.0
     rest_s: float = 0.0  # after the budget, sleep this long (decode duty cycle)
 
@@ -95,6 +106,7 @@ class SloController:
         self._training_busy = False  # the training thread is inside a grant (set by the worker)
         self._training_last_end = float("-inf")
         self._last_decode_end: float | None = None
+        self._last_busy = float("-inf")  # when a request last ran or waited (scheduler thread's clock)
         self._prefill_since_decode = 0.0
         self._started = time.monotonic()
         self._lock = threading.Lock()
@@ -103,11 +115,14 @@ class SloController:
 
     def note_queues(self, running: int, waiting: int) -> None:
         self.running, self.waiting = running, waiting
+        if running or waiting:
+            self._last_busy = time.monotonic()
 
     def on_batch(self, is_decode: bool, started: float, seconds: float) -> None:
         with self._lock:
             self.counters.serving_seconds += seconds
             end = started + seconds
+            self._last_busy = max(self._last_busy, end)
             if not is_decode:
                 self._prefill_since_decode += seconds
                 return
@@ -139,7 +154,7 @@ class SloController:
         limit = self.tpot_slo_s * (1 - SAFETY_MARGIN)
         if self._baseline_tpot:
             baseline = sorted(self._baseline_tpot)[len(self._baseline_tpot) // 2]
-            limit = max(limit, baseline * (1 + TPOT_ALLOWANCE))
+            limit = max(baseline + HEADROOM_SHARE * (limit - baseline), baseline * (1 + TPOT_ALLOWANCE))
         return limit
 
     def _adapt_duty(self, tpot: float) -> None:
@@ -181,6 +196,9 @@ class SloController:
                 grant = Grant(0.0, "decode_held")  # training would push decoding past the limit
             else:
                 grant = Grant(budget, "decode", min(SLICE_FRACTION * self.tpot_slo_s, budget), PERIOD_S - budget)
+        elif time.monotonic() - self._last_busy < TRAFFIC_GAP_S:
+            grant = Grant(PERIOD_S, "between_requests",
+                          min(BETWEEN_SLICE_CAP_S, IDLE_SLICE_CAP_S, IDLE_SLICE_FRACTION * self.ttft_slo_s))
         else:
             grant = Grant(PERIOD_S, "idle", min(IDLE_SLICE_CAP_S, IDLE_SLICE_FRACTION * self.ttft_slo_s))
         self.counters.grants[grant.reason] = self.counters.grants.get(grant.reason, 0) + 1

@@ -9,8 +9,9 @@ both, with what the platform already gives:
   kernel's scheduler hands every core serving wants to serving - within microseconds, mid-slice
   - and training gets the cycles serving leaves: idle time, and the gaps of a decode step.
   Its intra-op (OpenMP) threads are created by it and inherit its priority. While requests
-  are being served it computes on one intra-op thread (``SERVING_TRAINING_THREADS``), on an
-  idle engine on as many as serving uses: measured on 2 cores, serving's decode loop keeps
+  are being served, and between requests under traffic (the controller's ``between_requests``
+  grants), it computes on one intra-op thread (``SERVING_TRAINING_THREADS``), on an idle
+  engine on as many as serving uses: measured on 2 cores, serving's decode loop keeps
   about one core busy and its second OpenMP thread mostly waits, and a two-thread training
   team there only runs as fast as its starved member while competing with serving's worker
   on the other core (docs/NOTES.md). ``torch.set_num_threads`` called in this thread sets
