@@ -180,7 +180,7 @@ def test_just_after_traffic_idle_slices_are_short_until_the_engine_has_been_idle
     assert slo.status()["grants"] == {"between_requests": 1, "idle": 1}
 
 
-def test_with_headroom_training_may_take_half_of_it_not_all():
+def test_with_headroom_training_may_take_a_share_of_it_not_all():
     slo = controller(share=0.5, tpot_s=0.200)
     slo.note_queues(running=1, waiting=0)
     assert slo.tpot_limit_s() == pytest.approx(0.200 * (1 - SAFETY_MARGIN))  # no baseline yet

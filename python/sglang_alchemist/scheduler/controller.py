@@ -16,8 +16,8 @@ not see is the serving-latency target, so between two slices the worker asks :me
    decrease above it, down to 0 (no training while requests decode), and never above
    ``--alchemist-train-share``. The limit starts at ``(1 - SAFETY_MARGIN)`` of the target; once
    the *baseline* is known (the median TPOT of recent decode steps during which no training ran)
-   it is the baseline plus ``HEADROOM_SHARE`` of the headroom up to that, and never less than
-   ``(1 + TPOT_ALLOWANCE)`` times the baseline. So training uses half the target's headroom when
+   it is the baseline plus ``HEADROOM_SHARE`` (30%) of the headroom up to that, and never less than
+   ``(1 + TPOT_ALLOWANCE)`` times the baseline. So training uses under a third of the headroom when
    serving leaves some (a limit at the headroom's top held the median there and sent requests'
    TPOT p99 past the target at 80% load: measured, docs/NOTES.md), and when serving alone is
    already at or past the target (a slow machine, a large batch) it may add at most
@@ -51,12 +51,13 @@ from dataclasses import dataclass, field
 
 from sglang_alchemist.scheduler.cost_model import SliceCostModel
 
-SLICE_FRACTION = 0.25  # longest slice while requests decode, as a share of the TPOT target
+SLICE_FRACTION = 0.1  # longest slice while requests decode, as a share of the TPOT target (a request arriving
+# mid-slice waits for it: 0.25 left TTFT p90 x1.5 at 80% load)
 IDLE_SLICE_FRACTION = 0.05  # longest slice on an idle engine, as a share of the TTFT target
 IDLE_SLICE_CAP_S = 0.25
 TRAFFIC_GAP_S = 2.0  # an engine idle for less than this since its last request is "between requests"
 BETWEEN_SLICE_CAP_S = 0.025  # longest slice between requests
-HEADROOM_SHARE = 0.5  # of the headroom between serving's own TPOT and the limit, what training may use
+HEADROOM_SHARE = 0.3  # of the headroom between serving's own TPOT and the limit, what training may use
 PERIOD_S = 0.1  # a decode-time grant and its rest add up to this
 SAFETY_MARGIN = 0.1  # of the TPOT target, kept free for noise
 TPOT_ALLOWANCE = 0.05  # what training may add to serving's own TPOT when that is past the target
