@@ -32,6 +32,7 @@ from sglang_alchemist.scheduler.cost_model import SliceCostModel
 from helpers import status, tiny_server_args
 
 TPOT_TARGET_MS = 150
+BACK_TO_BACK_S = 15.0
 
 
 @pytest.fixture(scope="module")
@@ -86,10 +87,17 @@ def test_training_progresses_while_requests_are_served_back_to_back(server):
     submit_backlog(server, 12)
     before = status(server)["schedulers"][0]
     post_admin(server, "/v1/alchemist/resume")
-    replies = [chat(server, index, max_tokens=48) for index in range(10)]  # one at a time, no pause
+    # One chat at a time, no pause, for BACK_TO_BACK_S: the tiny model decodes 48 tokens in ~0.15 s,
+    # so ten chats were ~1.5 s of traffic - less than the first update's guard answers take in the
+    # short slices a served engine gets. The bug this guards against starved training for minutes.
+    replies, index, started = [], 0, time.monotonic()
+    while time.monotonic() - started < BACK_TO_BACK_S or index < 10:
+        replies.append(chat(server, index, max_tokens=48))
+        index += 1
     during = status(server)["schedulers"][0]
     assert all(reply["usage"]["completion_tokens"] == 48 for reply in replies)
-    assert during["training"]["optimizer_steps"] > before["training"]["optimizer_steps"], during["training"]
+    assert during["training"]["optimizer_steps"] > before["training"]["optimizer_steps"], (
+        during["training"], during["scheduler"]["grants"], during["scheduler"]["slices_by_grant"])
     controller = during["scheduler"]
     assert controller["slices_by_grant"].get("decode", 0) > before["scheduler"]["slices_by_grant"].get("decode", 0)
     assert controller["first_tokens"] - before["scheduler"]["first_tokens"] == len(replies)
