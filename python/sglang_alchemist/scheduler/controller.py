@@ -197,11 +197,12 @@ class SloController:
                 grant = Grant(0.0, "decode_held")  # training would push decoding past the limit
             else:
                 grant = Grant(budget, "decode", min(SLICE_FRACTION * self.tpot_slo_s, budget), PERIOD_S - budget)
-        elif time.monotonic() - self._last_busy < TRAFFIC_GAP_S:
-            grant = Grant(PERIOD_S, "between_requests",
-                          min(BETWEEN_SLICE_CAP_S, IDLE_SLICE_CAP_S, IDLE_SLICE_FRACTION * self.ttft_slo_s))
         else:
-            grant = Grant(PERIOD_S, "idle", min(IDLE_SLICE_CAP_S, IDLE_SLICE_FRACTION * self.ttft_slo_s))
+            idle_slice = min(IDLE_SLICE_CAP_S, IDLE_SLICE_FRACTION * self.ttft_slo_s)
+            if time.monotonic() - self._last_busy < TRAFFIC_GAP_S:
+                grant = Grant(PERIOD_S, "between_requests", min(BETWEEN_SLICE_CAP_S, idle_slice))
+            else:
+                grant = Grant(PERIOD_S, "idle", idle_slice)
         self.counters.grants[grant.reason] = self.counters.grants.get(grant.reason, 0) + 1
         return grant
 
