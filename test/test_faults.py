@@ -227,7 +227,11 @@ class CrashChain:
 
     def start(self) -> object:
         self.runs += 1
-        args = tiny_server_args(self.model_dir, self.state_dir, "--alchemist-lr", "0.02")
+        # Every version stays on disk: a restart trains the restored backlog into new versions
+        # before the test looks, and the default retention (10) would prune the version it
+        # restarted on (stop 18's CI: v11 was pruned before the check read its checkpoint).
+        args = tiny_server_args(self.model_dir, self.state_dir, "--alchemist-lr", "0.02",
+                                "--alchemist-keep-checkpoints", "1000")
         self.server = self.launch(args, name=f"crash-chain-{self.runs}")
         return self.server
 
