@@ -5,10 +5,10 @@ those values, not the computation, so each expensive op becomes an autograd func
 forward *returns the recorded output* and whose backward is the op's real backward:
 
 - ``_ReplayedLinear`` (frozen projection ``y = x W^T``): forward returns the record,
-  backward ``dx = dy W``. The LoRA part is added as ``delta - delta.detach()``: zero in value
-  (so the output stays exactly the record, which already contains the served adapter's
-  contribution) while autograd differentiates it, giving the LoRA gradients and their share
-  of ``dx``. The LoRA matmuls are rank-r, so recomputing them is cheap.
+  backward ``dx = dy W``. The LoRA part is added by ``_ReplayedLoraUp``: zero in value (the
+  output stays exactly the record, which already contains the served adapter's contribution)
+  while its backward is the LoRA path's, giving the LoRA gradients and their share of ``dx``.
+  Only the rank-r products are computed, so it is cheap.
 - ``_ReplayedSum`` (residual adds): forward returns the recorded sum; backward passes ``dy`` to
   both inputs.
 - The prompt's self-attention is not an autograd op at all: :func:`attention_backward` is its
@@ -53,13 +53,18 @@ from sglang_alchemist.memory.records import LayerTensors
 from sglang_alchemist.training.layers import (
     LoraPair,
     decoder_layer,
-    lora_delta,
     rms_norm,
     rotate_k,
     rotate_qk,
 )
 from sglang_alchemist.training.model_spec import LayerWeights, ModelGeometry
-from sglang_alchemist.training.tensor_parallel import TensorParallel, active_tp, copy_to_tp, graph_lora
+from sglang_alchemist.training.tensor_parallel import (
+    TensorParallel,
+    active_tp,
+    copy_to_tp,
+    graph_lora,
+    reduce_from_tp,
+)
 
 ATTENTION_QUERY_BLOCK = 128  # measured fastest on CPU (cache-sized score tiles)
 
@@ -97,15 +102,52 @@ class _ReplayedSum(torch.autograd.Function):
         return grad, grad, None
 
 
+class _ReplayedLoraUp(torch.autograd.Function):
+    """The LoRA up-projection added to a replayed output: value unchanged, gradient the real one.
+
+    ``forward(replayed, u, b, scale)`` returns ``replayed`` (the record already holds the served
+    adapter's contribution); the backward is that of ``replayed + scale * u B^T``: ``grad`` to
+    ``replayed``, ``scale * grad B`` to ``u`` and ``scale * grad^T u`` to ``B``. Written out
+    rather than as ``delta - delta.detach()`` because that form materialises four
+    [rows, out] tensors per projection (the delta, its scaled copy, the difference and the sum)
+    that the replay never reads; on CPU those fresh allocations cost as much as the matmuls the
+    replay saves (see docs/NOTES.md, "replay profile"). Only [rows, r] and [out, r] are computed.
+    """
+
+    @staticmethod
+    def forward(ctx, replayed, u, b, scale):
+        ctx.save_for_backward(u, b)
+        ctx.scale = scale
+        return replayed.view_as(replayed)
+
+    @staticmethod
+    def backward(ctx, grad):
+        u, b = ctx.saved_tensors
+        grad_u = grad_b = None
+        if ctx.needs_input_grad[1]:
+            grad_u = (grad.to(b.dtype) @ b).mul_(ctx.scale).to(u.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_b = (grad.t().to(u.dtype) @ u).mul_(ctx.scale).to(b.dtype)
+        return grad, grad_u, grad_b, None
+
+
 def _plus_lora(
     replayed: torch.Tensor, x: torch.Tensor, pair: LoraPair | None, scale: float, row_tp: TensorParallel | None = None
 ) -> torch.Tensor:
     """Add the LoRA path's gradient without changing the recorded value (see module doc).
 
     ``row_tp``: a row-parallel projection under tensor parallelism (its A-partial is all-reduced).
+    The down-projection ``u = x A^T`` is ordinary autograd (it is [rows, r]: cheap, and the
+    tensor-parallel wrappers of ``A`` stay in the graph); the up-projection is
+    :class:`_ReplayedLoraUp`.
     """
-    delta = lora_delta(x, pair, scale, row_tp)
-    return replayed if delta is None else replayed + (delta - delta.detach())
+    if pair is None:
+        return replayed
+    a, b = pair
+    u = x @ a.to(x.dtype).t()
+    if active_tp(row_tp) is not None:
+        u = reduce_from_tp(u, row_tp)
+    return _ReplayedLoraUp.apply(replayed, u, b, scale)
 
 
 def _unread_output(rows: int, width: int, like: torch.Tensor) -> torch.Tensor:
