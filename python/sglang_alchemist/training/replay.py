@@ -150,6 +150,26 @@ def _plus_lora(
     return _ReplayedLoraUp.apply(replayed, u, b, scale)
 
 
+def _plus_lora_shared(
+    replayed: tuple[torch.Tensor, ...], x: torch.Tensor, pairs: tuple[LoraPair | None, ...], scale: float
+) -> tuple[torch.Tensor, ...]:
+    """:func:`_plus_lora` for projections of one input (q/k/v of ``xn``, gate/up of ``hn``).
+
+    Their down-projections run as one product with the A matrices stacked, so the backward reads
+    ``x`` once for all their A gradients and forms their share of ``dx`` in one product (column-
+    parallel only: row-parallel projections have inputs of their own).
+    """
+    live = [index for index, pair in enumerate(pairs) if pair is not None]
+    if len(live) < 2:
+        return tuple(_plus_lora(value, x, pair, scale) for value, pair in zip(replayed, pairs, strict=True))
+    stacked = torch.cat([pairs[index][0].to(x.dtype) for index in live])
+    u_all = torch.split(x @ stacked.t(), [pairs[index][0].shape[0] for index in live], dim=-1)
+    outputs = list(replayed)
+    for index, u in zip(live, u_all, strict=True):
+        outputs[index] = _ReplayedLoraUp.apply(replayed[index], u, pairs[index][1], scale)
+    return tuple(outputs)
+
+
 def _unread_output(rows: int, width: int, like: torch.Tensor) -> torch.Tensor:
     """The forward value of a replayed op whose recorded output is used instead.
 
@@ -263,8 +283,7 @@ def replay_rows_backward(
         gate, up = _ReplayedLinear.apply(
             hn, weights.gate_up, *torch.split(record.gate_up[span], geometry.intermediate_size, dim=-1)
         )
-        gate = _plus_lora(gate, hn, lora.get("gate_proj"), scale)
-        up = _plus_lora(up, hn, lora.get("up_proj"), scale)
+        gate, up = _plus_lora_shared((gate, up), hn, (lora.get("gate_proj"), lora.get("up_proj")), scale)
         gated = F.silu(gate) * up
         down = _ReplayedLinear.apply(gated, weights.down, _unread_output(rows, geometry.hidden_size, x))
         down = _plus_lora(down, gated, lora.get("down_proj"), scale, tp)
@@ -274,9 +293,9 @@ def replay_rows_backward(
         # 2. attention backward of these queries over keys [0, end)
         xn = copy_to_tp(rms_norm(x, weights.input_norm, eps), tp)
         q, k, v_rows = _ReplayedLinear.apply(xn, weights.qkv, record.q[span], record.k[span], record.v[span])
-        q = _plus_lora(q, xn, lora.get("q_proj"), scale)
-        k = _plus_lora(k, xn, lora.get("k_proj"), scale)
-        v_rows = _plus_lora(v_rows, xn, lora.get("v_proj"), scale)
+        q, k, v_rows = _plus_lora_shared(
+            (q, k, v_rows), xn, (lora.get("q_proj"), lora.get("k_proj"), lora.get("v_proj")), scale
+        )
         q_rot, k_rot_rows = rotate_qk(q, k, weights, geometry, cos[span], sin[span])
         grad_q, grad_k_part, grad_v_part = attention_backward(
             q_rot.detach(), k_rot[:end], v[:end], record.attn_out[span], attn_out.grad, query_offset=start
