@@ -197,7 +197,9 @@ def attention_backward(
     scale = 1.0 / math.sqrt(head_dim)
     compute = torch.float32
     # [G, n, c, D]: head h = g * n + i shares key/value head g (transformers' repeat_kv layout)
-    q_g = q.to(compute).view(rows, kv_heads, per_group, head_dim).permute(1, 2, 0, 3)
+    # The softmax scale is folded into q (and so into every score and into dk, which is formed
+    # from q); dq gets it once at the end. Exact for power-of-two scales such as 1/sqrt(64).
+    q_g = (q.to(compute) * scale).view(rows, kv_heads, per_group, head_dim).permute(1, 2, 0, 3)
     out_g = out.to(compute).view(rows, kv_heads, per_group, head_dim).permute(1, 2, 0, 3)
     grad_out_g = grad_out.to(compute).view(rows, kv_heads, per_group, head_dim).permute(1, 2, 0, 3)
     k_g = k.to(compute).transpose(0, 1)  # [G, keys, D]
@@ -206,23 +208,24 @@ def attention_backward(
     grad_q = torch.empty_like(q_g)
     grad_k = torch.zeros_like(k_g)
     grad_v = torch.zeros_like(v_g)
+    # Only a block's last `block` keys can lie after one of its queries: the mask touches those.
+    hidden = torch.ones(query_block, query_block, dtype=torch.bool, device=q.device).triu_(1)
     for start in range(0, rows, query_block):
         end = min(rows, start + query_block)
         block = end - start
         visible = query_offset + end  # keys 0 .. visible-1 can be seen by some query of the block
         q_block = q_g[:, :, start:end].reshape(kv_heads, per_group * block, head_dim)
         grad_block = grad_out_g[:, :, start:end].reshape(kv_heads, per_group * block, head_dim)
-        scores = (q_block @ k_g[:, :visible].transpose(1, 2)) * scale  # [G, n*block, visible]
-        query_pos = (torch.arange(block, device=q.device) + query_offset + start).repeat(per_group)
-        key_pos = torch.arange(visible, device=q.device)
-        scores = scores.masked_fill(key_pos[None, :] > query_pos[:, None], float("-inf"))
+        scores = q_block @ k_g[:, :visible].transpose(1, 2)  # [G, n*block, visible], scaled
+        scores.view(kv_heads, per_group, block, visible)[..., visible - block:].masked_fill_(
+            hidden[:block, :block], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         grad_v[:, :visible] += probs.transpose(1, 2) @ grad_block
         grad_probs = grad_block @ v_g[:, :visible].transpose(1, 2)
         grad_scores = probs.mul_(grad_probs.sub_(row_dot[:, :, start:end].reshape(kv_heads, per_group * block, 1)))
-        grad_scores.mul_(scale)
         grad_q[:, :, start:end] = (grad_scores @ k_g[:, :visible]).view(kv_heads, per_group, block, head_dim)
-        grad_k[:, :visible] += grad_scores.transpose(1, 2) @ q_block
+        grad_k[:, :visible] += grad_scores.transpose(1, 2) @ q_block  # q_block carries the scale
+    grad_q.mul_(scale)
     return (
         grad_q.permute(2, 0, 1, 3).reshape(rows, heads, head_dim).to(q.dtype),
         grad_k.transpose(0, 1).to(k.dtype),
