@@ -49,7 +49,6 @@ import os
 import shutil
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -60,57 +59,13 @@ from pathlib import Path
 import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from sglang_alchemist.tools.server_process import ServerProcess, ServerStartError  # noqa: E402
+from sglang_alchemist.tools.server_process import ClusterProcess  # noqa: E402
 
 from common import RESULTS_DIR, command_line, machine, write_json  # noqa: E402
 
 TIMEOUT_S = 600
 TOPICS = ["rivers", "volcanoes", "bread", "comets", "violins", "glaciers", "bees", "lighthouses", "maps",
           "chess", "tides", "copper", "owls", "deserts", "kites", "coral"]
-
-
-class ClusterProcess(ServerProcess):
-    """``python -m sglang_alchemist.launch_cluster`` in its own process group; ``port`` is the front door's."""
-
-    replica_pids: list[int]
-
-    def start(self, timeout_s: float = 900.0) -> ClusterProcess:
-        self.replica_pids = []
-        command = [sys.executable, "-m", "sglang_alchemist.launch_cluster", "--port", str(self.port), *self.args]
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            env={**os.environ, **self.env}, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerStartError(f"launcher exited with code {self.process.returncode}:\n{self.log_tail()}")
-            if self.healthy():
-                self.remember_replicas()
-                return self
-            time.sleep(2.0)
-        raise ServerStartError(f"cluster not healthy after {timeout_s:.0f} s:\n{self.log_tail()}")
-
-    def remember_replicas(self) -> list[dict]:
-        replicas = requests.get(self.url + "/v1/alchemist/cluster", timeout=60).json()["replicas"]
-        self.replica_pids = sorted({*self.replica_pids, *(r["pid"] for r in replicas if r.get("pid"))})
-        return replicas
-
-    def stop(self, grace_s: float = 60.0) -> None:
-        """SIGTERM the launcher (it stops its replicas), then SIGKILL whatever of them is left."""
-        if self.process is not None:
-            with contextlib.suppress(Exception):
-                self.remember_replicas()  # a replica restarted meanwhile has a new pid
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(timeout=grace_s)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        super().stop(grace_s=5.0)
-        for pid in getattr(self, "replica_pids", []):  # each replica is its own process group
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
-        self.replica_pids = []
 
 
 @contextlib.contextmanager

@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import torch
 import torch.multiprocessing as mp
 
 from sglang_alchemist.assets.tiny_model import build_tiny_model
-from sglang_alchemist.tools.server_process import ServerProcess, ServerStartError, free_port
+from sglang_alchemist.tools.server_process import ClusterProcess, free_port
 
 from helpers import tiny_server_args
 
@@ -170,35 +168,6 @@ def test_gradient_averaging_matches_one_trainer_on_the_batch_and_lockstep_rounds
 
 
 # --- a cluster of 2 replicas behind the front door ------------------------------------------------------
-
-
-class ClusterProcess(ServerProcess):
-    """``python -m sglang_alchemist.launch_cluster`` in a subprocess; ``port`` is the front door's."""
-
-    def start(self, timeout_s: float = 900.0) -> ClusterProcess:
-        command = [sys.executable, "-m", "sglang_alchemist.launch_cluster", "--port", str(self.port), *self.args]
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
-                                            env={**os.environ, **self.env}, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerStartError(f"launcher exited with code {self.process.returncode}:\n{self.log_tail()}")
-            if self.healthy():
-                return self
-            time.sleep(2.0)
-        self.stop()
-        raise ServerStartError(f"cluster not healthy after {timeout_s:.0f} s:\n{self.log_tail()}")
-
-    def stop(self, grace_s: float = 60.0) -> None:
-        if self.process is not None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)  # the launcher stops its replicas
-                self.process.wait(timeout=grace_s)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                pass
-        super().stop(grace_s=5.0)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Start ``python -m sglang_alchemist.launch_server`` as a subprocess and stop it cleanly.
+"""Start ``python -m sglang_alchemist.launch_server`` (or ``launch_cluster``) as a subprocess and stop it cleanly.
 
 Tests and benchmarks talk to the real server over loopback HTTP, exactly as users do. The
 server is three processes (HTTP, scheduler, detokenizer); it is started in its own process
@@ -7,6 +7,8 @@ group so that stopping it by PID also reaches the children, and nothing is left 
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import socket
@@ -43,15 +45,17 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 300.0) -> ServerProcess:
-        command = [
+    def command(self) -> list[str]:
+        return [
             sys.executable, "-m", "sglang_alchemist.launch_server",
             "--host", "127.0.0.1", "--port", str(self.port), *self.args,
         ]
+
+    def start(self, timeout_s: float = 300.0) -> ServerProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         log = open(self.log_path, "wb")
         self.process = subprocess.Popen(
-            command,
+            self.command(),
             stdout=log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **self.env},
@@ -65,10 +69,14 @@ class ServerProcess:
                     f"server exited with code {self.process.returncode} during start-up:\n{self.log_tail()}"
                 )
             if self.healthy():
+                self.on_healthy()
                 return self
             time.sleep(1.0)
         self.stop()
         raise ServerStartError(f"server not healthy after {timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def on_healthy(self) -> None:
+        """Called once when start-up has answered /health (a subclass notes what it launched)."""
 
     def healthy(self) -> bool:
         try:
@@ -121,6 +129,52 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@dataclass
+class ClusterProcess(ServerProcess):
+    """``python -m sglang_alchemist.launch_cluster``; ``port`` is the front door's.
+
+    Each replica is a server in its own process group, so stopping the launcher's group does not
+    reach them: the launcher stops them on SIGTERM, and whatever is left is killed by the pids
+    the front door listed (``remember_replicas``, refreshed on stop: a restarted replica has a
+    new pid).
+    """
+
+    replica_pids: list[int] = field(default_factory=list)
+
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", "sglang_alchemist.launch_cluster", "--port", str(self.port), *self.args]
+
+    def start(self, timeout_s: float = 900.0) -> ClusterProcess:
+        self.replica_pids = []
+        super().start(timeout_s)
+        return self
+
+    def on_healthy(self) -> None:
+        self.remember_replicas()
+
+    def remember_replicas(self) -> list[dict]:
+        with urllib.request.urlopen(self.url + "/v1/alchemist/cluster", timeout=60) as response:
+            replicas = json.load(response)["replicas"]
+        self.replica_pids = sorted({*self.replica_pids, *(r["pid"] for r in replicas if r.get("pid"))})
+        return replicas
+
+    def stop(self, grace_s: float = 60.0) -> None:
+        """SIGTERM the launcher (it stops its replicas), then SIGKILL whatever of them is left."""
+        if self.process is not None:
+            with contextlib.suppress(Exception):
+                self.remember_replicas()
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(timeout=grace_s)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                pass
+        super().stop(grace_s=5.0)
+        for pid in self.replica_pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+        self.replica_pids = []
 
 
 def _group_alive(group: int) -> bool:
