@@ -110,8 +110,8 @@ class _ReplayedLoraUp(torch.autograd.Function):
     ``replayed``, ``scale * grad B`` to ``u`` and ``scale * grad^T u`` to ``B``. Written out
     rather than as ``delta - delta.detach()`` because that form materialises four
     [rows, out] tensors per projection (the delta, its scaled copy, the difference and the sum)
-    that the replay never reads; on CPU those fresh allocations cost as much as the matmuls the
-    replay saves (see docs/NOTES.md, "replay profile"). Only [rows, r] and [out, r] are computed.
+    that the replay never reads: memory passes and a [rows, r] x [r, out] product per projection
+    (docs/NOTES.md, "The replay", "Profile"). Only [rows, r] and [out, r] are computed.
     """
 
     @staticmethod
