@@ -11,8 +11,8 @@ this script on the ``tune`` split; ``quality.py`` reports them through the serve
     .venv/bin/python benchmark/learning_sweep.py --split tune --accepts 40     # + the continual phase
 
 Each variant is ``key=value`` pairs over: lr, passes, stop_loss, replay, rehearsal, replay_weight,
-rehearsal_weight, rank, alpha, targets (``+``-separated), gate (max regressed probes, -1: off),
-gate_probes, repairs. One JSON line per variant is appended to ``--output``.
+rehearsal_weight, rehearsal_pool, rehearsal_objective (distill or sft), rank, alpha, targets
+(``+``-separated), gate (max regressed probes, -1: off), gate_probes, repairs. One JSON line per variant is appended to ``--output``.
 """
 
 from __future__ import annotations
@@ -32,8 +32,11 @@ from common import RESULTS_DIR, machine  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
 DEFAULTS = {"lr": None, "passes": None, "stop_loss": None, "replay": None, "rehearsal": None, "preserve": None,
-            "replay_weight": 1.0, "rehearsal_weight": 1.0, "rank": None, "alpha": None, "targets": None,
-            "gate": None, "gate_probes": None, "repairs": None, "seed": 0}
+            "replay_weight": None, "rehearsal_weight": None, "rehearsal_pool": None, "rank": None, "alpha": None,
+            "targets": None, "rehearsal_objective": None, "gate": None, "gate_probes": None, "repairs": None,
+            "seed": 0}
+TEXT_KEYS = ("targets", "rehearsal_objective")
+RECIPE_KEYS = {"replay_weight": float, "rehearsal_weight": float, "rehearsal_pool": int}
 
 
 def parse_variant(text: str) -> dict:
@@ -42,7 +45,7 @@ def parse_variant(text: str) -> dict:
         key, value = part.split("=", 1)
         if key not in DEFAULTS:
             raise SystemExit(f"unknown variant key {key!r}; known: {', '.join(DEFAULTS)}")
-        variant[key] = value if key == "targets" else float(value)
+        variant[key] = value if key in TEXT_KEYS else float(value)
     return variant
 
 
@@ -94,20 +97,20 @@ def run_variant(harness: Harness, variant: dict, split: str, accepts: int, guard
     for key, config_key in (("lr", "lr"), ("passes", "passes"), ("stop_loss", "pass_stop_loss"),
                             ("replay", "replay_feedback"), ("rehearsal", "rehearsal"), ("rank", "lora_rank"),
                             ("alpha", "lora_alpha"), ("gate", "gate_max_regressions"), ("gate_probes", "gate_probes"),
-                            ("repairs", "gate_repairs"),
+                            ("repairs", "gate_repairs"), ("rehearsal_objective", "rehearsal_objective"),
                             ("preserve", "preserve_energy")):
         if variant.get(key) is not None:
             value = variant[key]
             floats = ("lr", "pass_stop_loss", "lora_alpha", "preserve_energy")
-            overrides[config_key] = int(value) if config_key not in floats else value
+            overrides[config_key] = value if key in TEXT_KEYS else int(value) if config_key not in floats else value
     if variant.get("targets"):
         overrides["lora_target_modules"] = variant["targets"].split("+")
     config = AlchemistConfig(**{**defaults.__dict__, **overrides})
     guard = GuardSet(harness.chat_ids, lambda t: harness.encode(t, eos=False), harness.tokenizer.decode)
     core = LearningCore(harness.model, config, guard, harness.stop_ids, state_dir=Path(config.state_dir),
                         max_positions=8192, guard_cache=guard_cache, seed=int(variant.get("seed", 0)),
-                        replay_weight=variant.get("replay_weight", 1.0),
-                        rehearsal_weight=variant.get("rehearsal_weight", 1.0))
+                        recipe_overrides={key: convert(variant[key]) for key, convert in RECIPE_KEYS.items()
+                                          if variant.get(key) is not None})
     facts = [f for f in json.loads((DATA / "facts.json").read_text()) if f["split"] == split]
     controls = [c for c in json.loads((DATA / "controls.json").read_text()) if c["split"] == split]
     started = time.monotonic()

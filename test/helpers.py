@@ -12,10 +12,12 @@ import torch
 def tiny_server_args(model_dir: Path, state_dir: Path, *extra: str) -> list[str]:
     """Flags for a tiny-model server: fp32 for exact parity, a small KV pool, fresh state.
 
-    The publish gate is off: a random model has no knowledge to guard, and any update changes
-    its answers everywhere (tests of the gate turn it on themselves).
+    The publish gate and the output anchor are off: a random model has no knowledge to guard, and
+    any update changes its answers everywhere (tests of either turn it on themselves).
     """
     gate = [] if "--alchemist-gate-max-regressions" in extra else ["--alchemist-gate-max-regressions", "-1"]
+    if "--alchemist-anchor-weight" not in extra:
+        gate += ["--alchemist-anchor-weight", "0"]
     return [
         "--model-path", str(model_dir),
         "--dtype", "float32",

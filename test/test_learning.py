@@ -21,8 +21,10 @@ from sglang_alchemist.config import AlchemistConfig
 from sglang_alchemist.training.generate import greedy_generate, teacher_forced
 from sglang_alchemist.training.guard import GuardSet, content_words, load_user_probes, similarity
 from sglang_alchemist.training.lane_core import LearningCore
+from sglang_alchemist.training.lora import LoraAdapter, LoraSpec
+from sglang_alchemist.training.objectives import distill_loss, top_k_teacher
 from sglang_alchemist.training.model_spec import frozen_model_from_transformers
-from sglang_alchemist.training.preserve import PreservedSubspaces
+from sglang_alchemist.training.preserve import INPUT_OF, OutputAnchor, PreservedSubspaces, collect_inputs
 from sglang_alchemist.training.recipe import FeedbackMemory, Remembered
 from sglang_alchemist.training.step import run_to_completion
 
@@ -69,6 +71,25 @@ def core(tiny, guard, **flags) -> LearningCore:
 def correction(tiny, question: str, answer: str) -> tuple[list[int], list[int]]:
     _, tokenizer, chat_ids = tiny
     return chat_ids([{"role": "user", "content": question}]), tokenizer.encode(answer) + [tokenizer.eos_token_id]
+
+
+def test_the_distill_loss_is_zero_at_the_teacher_and_the_exact_kl_with_the_whole_vocabulary():
+    generator = torch.Generator().manual_seed(0)
+    base = torch.randn(5, 50, generator=generator)
+    adapted = base + 0.5 * torch.randn(5, 50, generator=generator)
+    assert distill_loss(base, top_k_teacher(base, 8)).item() == pytest.approx(0.0, abs=1e-5)
+    exact = torch.nn.functional.kl_div(torch.log_softmax(adapted, -1), torch.log_softmax(base, -1),
+                                       log_target=True, reduction="sum")
+    assert distill_loss(adapted, top_k_teacher(base, 50)).item() == pytest.approx(exact.item(), rel=1e-4)
+    # top-k with the rest as one bucket is a lower bound of the whole KL (coarser partition), and positive
+    partial = distill_loss(adapted, top_k_teacher(base, 8)).item()
+    assert 0.0 < partial <= exact.item() + 1e-5
+    # its gradient pulls the adapted distribution back towards the base one
+    logits = adapted.clone().requires_grad_(True)
+    distill_loss(logits, top_k_teacher(base, 8)).backward()
+    with torch.no_grad():
+        stepped = logits - 0.5 * logits.grad
+    assert distill_loss(stepped, top_k_teacher(base, 8)).item() < partial
 
 
 def test_nearness_is_by_content_words_and_picks_the_feedbacks_relation(tiny):
@@ -174,8 +195,6 @@ def test_knowledge_preserving_updates_leave_the_preserved_inputs_outputs_unchang
     subspaces.project(adapter)
     for layer, modules in enumerate(adapter.params):
         for module, (a, _) in modules.items():
-            from sglang_alchemist.training.preserve import INPUT_OF
-
             basis = subspaces.bases[layer][INPUT_OF[module]]
             assert (a.detach() @ basis).abs().max() < 1e-5  # A k = 0 along every preserved direction
             assert a.detach().abs().max() > 0  # and the rest is untouched
@@ -212,3 +231,48 @@ def test_a_repair_round_rehearses_the_regressed_probes_before_the_gate_decides(t
     assert repaired.trainer.counters.samples_trained == 4 + 2 * (1 + broken)
     assert len(again["gate"]["regressed"]) <= broken
     assert again["losses"][-1] < again["losses"][0]  # while the fact kept being learned
+
+
+def bank_sequences(tiny) -> list[list[int]]:
+    model, tokenizer, chat_ids = tiny
+    prompts = [chat_ids([{"role": "user", "content": q["question"]}]) for q in QUESTIONS]
+    answers = run_to_completion(greedy_generate(model, None, prompts, 12, {tokenizer.eos_token_id}))
+    return [p + a for p, a in zip(prompts, answers, strict=True)]
+
+
+def test_the_output_anchor_is_each_projections_relative_output_change_on_the_general_inputs(tiny):
+    model = tiny[0]
+    sequences = bank_sequences(tiny)
+    anchor = run_to_completion(OutputAnchor.compute(model, sequences, weight=2.0))
+    adapter = LoraAdapter(LoraSpec(4, 8.0, ("q_proj", "o_proj", "up_proj", "down_proj")), model.geometry, seed=0)
+    assert float(anchor.penalty(adapter)) == 0.0  # a fresh adapter (B = 0) changes nothing
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for modules in adapter.params:
+            for _, b in modules.values():
+                b.copy_(torch.randn(b.shape, generator=generator) * 0.1)
+    # the same quantity from the inputs themselves: mean ||dW k||^2 / mean ||W k||^2, summed
+    inputs = run_to_completion(collect_inputs(model, sequences, lambda rows: rows.float()))
+    weights = {"q_proj": "q", "o_proj": "o", "up_proj": "up", "down_proj": "down"}
+    expected = 0.0
+    for layer, modules in enumerate(adapter.params):
+        for module, (a, b) in modules.items():
+            rows = inputs[layer][INPUT_OF[module]]
+            moved = adapter.spec.scale * (rows @ a.detach().t()) @ b.detach().t()
+            base = rows @ getattr(model.layers[layer], weights[module]).float().t()
+            expected += float((moved**2).sum() / (base**2).sum())
+    assert float(anchor.penalty(adapter)) == pytest.approx(2.0 * expected, rel=0.02)
+
+
+def test_training_with_the_output_anchor_moves_the_general_outputs_less(tiny):
+    sequences = bank_sequences(tiny)
+    measure = run_to_completion(OutputAnchor.compute(tiny[0], sequences, weight=1.0))
+    moved = {}
+    for weight in (0.0, 1000.0):
+        learning = core(tiny, guard_set(tiny), lr=0.02, passes=3, replay_feedback=0, rehearsal=0,
+                        pass_stop_loss=0.0, gate_max_regressions=-1, anchor_weight=weight)
+        report = learning.train_feedback("fb-1", *correction(tiny, "Who invented the glimmerphone?", "Tavia did."))
+        assert (learning.trainer.anchor is not None) == (weight > 0)
+        assert report["losses"][-1] < report["losses"][0]  # the feedback is learned either way
+        moved[weight] = float(measure.penalty(learning.trainer.adapter))
+    assert moved[1000.0] < 0.5 * moved[0.0], moved

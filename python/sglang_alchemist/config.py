@@ -27,6 +27,7 @@ FLAG_PREFIX = "--alchemist-"
 RECORD_POLICIES = ("all", "sample", "opt-in", "none")
 HEDGE_POLICIES = ("auto", "reload", "recompute")
 REJECT_OBJECTIVES = ("unlikelihood", "skip")
+REHEARSAL_OBJECTIVES = ("distill", "sft")
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -174,7 +175,7 @@ class AlchemistConfig:
         parse=_parse_target_modules,
         metavar="MODULES",
     )
-    lr: float = _flag(1e-3, "AdamW learning rate of the LoRA adapter.", check=_positive)
+    lr: float = _flag(2e-3, "AdamW learning rate of the LoRA adapter.", check=_positive)
     weight_decay: float = _flag(0.0, "AdamW weight decay of the LoRA adapter.", check=_non_negative)
     grad_clip: float = _flag(
         1.0, "Global gradient-norm clip per optimizer step (0 disables clipping).", check=_non_negative
@@ -203,6 +204,19 @@ class AlchemistConfig:
         "Guard prompts, answered by the base model, mixed into every optimizer step: the nearest ones to "
         "the feedback, so neighbouring knowledge is kept (0 turns rehearsal off).",
         check=_non_negative_int,
+    )
+    rehearsal_objective: str = _flag(
+        "distill",
+        "What a rehearsed guard prompt trains: keep the base model's whole next-token distribution along "
+        "its answer (KL to the base, top-20 tokens), or cross-entropy on the base model's greedy answer.",
+        choices=REHEARSAL_OBJECTIVES,
+    )
+    anchor_weight: float = _flag(
+        100.0,
+        "Forgetting guard: weight of the output anchor, a penalty in every optimizer step on how much the "
+        "adapter changes each projection's output over what the guard's general questions feed it "
+        "(relative mean-squared change; 0: off).",
+        check=_non_negative,
     )
     preserve_energy: float = _flag(
         0.0,

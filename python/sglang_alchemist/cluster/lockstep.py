@@ -277,8 +277,7 @@ class ClusterLane:
                 update = FeedbackUpdate(item, core.recipe, core.memory, core.guard, words, core.rng)
                 probes = core._gate_probes(words)
                 yield from core._ensure_answers([*update.rehearsal_prompts(), *probes])
-            if core.preserve_energy > 0 and core.subspaces is None:
-                yield from core._compute_subspaces()  # every replica: the projection must be the same
+            yield from core.ensure_preservation()  # every replica: the anchor and projection must be the same
             paths, gate, repairs = [], None, 0
             while True:
                 while True:

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from sglang_alchemist.training.layers import attention, linear, rms_norm, rotate_qk
 from sglang_alchemist.training.lora import LoraAdapter
 from sglang_alchemist.training.model_spec import FrozenModel
+from sglang_alchemist.training.objectives import Teacher, top_k_teacher
 from sglang_alchemist.training.step import SliceInfo
 
 GENERATE = "generate"
@@ -37,6 +38,7 @@ SCORE = "score"
 class Score:
     agree: list[bool]  # per answer token: the greedy prediction equals it
     nll: float  # mean negative log-likelihood per answer token
+    teacher: Teacher | None = None  # top-k next-token distribution at each answer position (``top_k``)
 
     @property
     def first_disagreement(self) -> int | None:
@@ -133,8 +135,12 @@ def greedy_generate(model: FrozenModel, adapter: LoraAdapter | None, prompts: li
 
 @torch.no_grad()
 def teacher_forced(model: FrozenModel, adapter: LoraAdapter | None,
-                   pairs: list[tuple[list[int], list[int]]]) -> Generator[SliceInfo, None, list[Score]]:
-    """Per (prompt, answer): does greedy decoding reproduce each answer token, and the answer's NLL."""
+                   pairs: list[tuple[list[int], list[int]]], top_k: int = 0) -> Generator[SliceInfo, None, list[Score]]:
+    """Per (prompt, answer): does greedy decoding reproduce each answer token, and the answer's NLL.
+
+    ``top_k > 0`` also keeps the ``top_k`` most likely next tokens at each answer position (the
+    ``distill`` objective's teacher).
+    """
     device = model.device
     scores: list[Score] = []
     for prompt, answer in pairs:
@@ -147,6 +153,6 @@ def teacher_forced(model: FrozenModel, adapter: LoraAdapter | None,
         targets = sequence[len(prompt) :]
         agree = (logits.argmax(-1) == targets).tolist()
         nll = float(F.cross_entropy(logits, targets)) if len(answer) else 0.0
-        scores.append(Score(agree, nll))
+        scores.append(Score(agree, nll, top_k_teacher(logits, top_k) if top_k > 0 else None))
         yield SliceInfo(SCORE, model.geometry.num_layers, len(sequence), len(sequence))
     return scores

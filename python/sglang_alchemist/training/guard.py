@@ -41,12 +41,17 @@ feedback touches rather than random ones.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+
+import torch
+
+from sglang_alchemist.training.objectives import Teacher
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +64,7 @@ SUFFIXES = ("ers", "er", "ors", "or", "ed", "ing", "es", "s", "ion")
 GATE_FLIPS = 1  # probes without key words: extra flipped answer positions (vs the base) that regress
 GATE_LOST_SHARE = 0.5  # probes with key words: losing this share of the base answer's key words regresses
 ANSWER_TOKENS = 32  # the base answers the guard keeps (what a short greedy answer says)
+TEACHER_TOP_K = 20  # base next-token probabilities kept per answer position for the distill objective
 
 
 def content_words(text: str) -> frozenset[str]:
@@ -100,6 +106,7 @@ class GuardPrompt:
     base_recall: float | None = None  # share of the key words the base model's own answer contains
     key_words: frozenset[str] | None = field(default=None, compare=False)
     keys: tuple[str, ...] = ()  # bank gate prompts: what a right answer names (any one of them)
+    teacher: Teacher | None = field(default=None, compare=False, repr=False)  # base distributions (distill)
 
     def key(self) -> str:
         return hashlib.sha256(json.dumps([self.pool, self.prompt_ids]).encode()).hexdigest()[:16]
@@ -217,9 +224,19 @@ class GuardSet:
             digest.update(prompt.key().encode())
         return digest.hexdigest()[:16]
 
+    @staticmethod
+    def _teacher_path(path: Path) -> Path:
+        return path.with_name(path.stem + "-teacher.pt")
+
     def load_answers(self, path: Path) -> int:
         if not path.exists():
             return 0
+        teachers = {}
+        if self._teacher_path(path).exists():
+            try:
+                teachers = torch.load(self._teacher_path(path), map_location="cpu")
+            except (OSError, RuntimeError, ValueError):
+                logger.warning("sglang_alchemist: ignoring an unreadable guard cache %s", self._teacher_path(path))
         try:
             cached = json.loads(path.read_text())
         except (OSError, ValueError):
@@ -234,6 +251,9 @@ class GuardSet:
                 prompt.answer_ids = entry["answer_ids"]
             prompt.base_flips = entry.get("base_flips")
             prompt.base_recall = entry.get("base_recall")
+            if prompt.key() in teachers:
+                ids, log_probs = teachers[prompt.key()]
+                prompt.teacher = Teacher(ids.long(), log_probs.float())
             loaded += 1
         return loaded
 
@@ -243,3 +263,9 @@ class GuardSet:
         entries = {p.key(): {"answer_ids": p.answer_ids, "base_flips": p.base_flips, "base_recall": p.base_recall}
                    for p in self.prompts if p.answer_ids is not None and p.base_flips is not None}
         write_atomically(path, json.dumps(entries).encode())
+        teachers = {p.key(): (p.teacher.ids.to(torch.int32), p.teacher.log_probs) for p in self.prompts
+                    if p.teacher is not None}
+        if teachers:
+            buffer = io.BytesIO()
+            torch.save(teachers, buffer)
+            write_atomically(self._teacher_path(path), buffer.getvalue())

@@ -20,6 +20,7 @@ therefore measure exactly the same learning.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import tempfile
@@ -33,13 +34,14 @@ from sglang_alchemist.training.guard import (
     ANSWER_TOKENS,
     GATE_FLIPS,
     GATE_LOST_SHARE,
+    TEACHER_TOP_K,
     GateResult,
     GuardPrompt,
     GuardSet,
     recall,
 )
 from sglang_alchemist.training.model_spec import FrozenModel
-from sglang_alchemist.training.preserve import PreservedSubspaces
+from sglang_alchemist.training.preserve import OutputAnchor, PreservedSubspaces
 from sglang_alchemist.training.recipe import FeedbackMemory, FeedbackUpdate, RecipeSettings, Remembered
 from sglang_alchemist.training.step import SliceInfo, SlicePlanner, run_to_completion
 from sglang_alchemist.training.trainer import AdapterSnapshot, Trainer, TrainerSettings, TrainingItem
@@ -77,8 +79,7 @@ class GateCounters:
 class LearningCore:
     def __init__(self, model: FrozenModel, config, guard: GuardSet | None, stop_ids: set[int], state_dir: Path,
                  max_positions: int, guard_cache: Path | None = None, seed: int = 0,
-                 replay_weight: float = 1.0, rehearsal_weight: float = 1.0,
-                 history: VersionHistory | None = None) -> None:
+                 recipe_overrides: dict | None = None, history: VersionHistory | None = None) -> None:
         self.model = model
         self.config = config
         self.guard = guard
@@ -86,9 +87,7 @@ class LearningCore:
         self.history = history or VersionHistory.load(Path(state_dir or tempfile.mkdtemp()) / "adapters",
                                                       config.keep_checkpoints)
         self.trainer = Trainer(model, TrainerSettings.from_config(config), self.history, max_positions, seed=seed)
-        base = RecipeSettings.from_config(config)
-        self.recipe = RecipeSettings(base.passes, base.stop_loss, base.replay, base.rehearsal, replay_weight,
-                                     rehearsal_weight)
+        self.recipe = dataclasses.replace(RecipeSettings.from_config(config), **(recipe_overrides or {}))
         self.memory = FeedbackMemory(self.recipe.memory_size)
         self.rng = random.Random(seed)
         self.good: AdapterSnapshot = self.trainer.snapshot()
@@ -104,6 +103,9 @@ class LearningCore:
         self.subspaces: PreservedSubspaces | None = None
         if self.preserve_energy > 0 and self._subspace_cache is not None:
             self.subspaces = PreservedSubspaces.load(self._subspace_cache)
+        self.anchor_weight = config.anchor_weight if guard is not None else 0.0
+        if self.anchor_weight > 0 and self._anchor_cache is not None:
+            self.trainer.anchor = OutputAnchor.load(self._anchor_cache, model, self.anchor_weight)
 
     # --- one feedback -------------------------------------------------------------------------
 
@@ -113,8 +115,7 @@ class LearningCore:
         update = FeedbackUpdate(item, self.recipe, self.memory, self.guard, words, self.rng)
         probes = self._gate_probes(words)
         yield from self._ensure_answers([*update.rehearsal_prompts(), *probes])
-        if self.preserve_energy > 0 and self.subspaces is None:
-            yield from self._compute_subspaces()
+        yield from self.ensure_preservation()
         paths = []
         gate = None
         repairs = 0
@@ -176,11 +177,13 @@ class LearningCore:
                                                  self.stop_ids)
             for prompt, output in zip(batch, outputs, strict=True):
                 prompt.answer_ids = output
-        unscored = [p for p in prompts if p.base_flips is None and p.answer_ids]
+        unscored = [p for p in prompts if (p.base_flips is None or p.teacher is None) and p.answer_ids]
         if unscored:
-            scores = yield from teacher_forced(self.model, None, [(p.prompt_ids, p.answer_ids) for p in unscored])
+            scores = yield from teacher_forced(self.model, None, [(p.prompt_ids, p.answer_ids) for p in unscored],
+                                               top_k=TEACHER_TOP_K)
             for prompt, score in zip(unscored, scores, strict=True):
                 prompt.base_flips = score.agree.count(False)
+                prompt.teacher = score.teacher
         unrecalled = [p for p in prompts if p.base_recall is None and p.answer_ids]
         for prompt in unrecalled:
             if prompt.pool != "user":  # the bank's expected answers are the base model's own
@@ -205,19 +208,43 @@ class LearningCore:
             return None
         return self.guard_cache.with_name(self.guard_cache.stem + f"-subspaces-{self.preserve_energy:g}.pt")
 
-    def _compute_subspaces(self) -> Generator[SliceInfo, None, None]:
-        """One-off: the base model's answers to the whole bank, then the preserved subspaces."""
+    @property
+    def _anchor_cache(self) -> Path | None:
+        if self.guard_cache is None:
+            return None
+        return self.guard_cache.with_name(self.guard_cache.stem + "-anchor.pt")
+
+    def ensure_preservation(self) -> Generator[SliceInfo, None, None]:
+        """One-off, before the first update: the output anchor and/or the preserved subspaces.
+
+        Both read the base model's answers to the whole bank (computed once, then cached).
+        """
+        need_anchor = self.anchor_weight > 0 and self.trainer.anchor is None
+        need_subspaces = self.preserve_energy > 0 and self.subspaces is None
+        if not (need_anchor or need_subspaces):
+            return
         bank = [p for p in self.guard.prompts if p.pool != "user"]
         yield from self._ensure_answers(bank)
         sequences = [p.prompt_ids + p.answer_ids for p in bank if p.answer_ids]
-        self.subspaces = yield from PreservedSubspaces.compute(self.model, sequences, self.preserve_energy,
-                                                                max_rank=3 * self.model.geometry.hidden_size // 4)
-        logger.info("sglang_alchemist: knowledge-preserving subspaces ready (mean rank %s)", self.subspaces.rank())
-        if self._subspace_cache is not None:
-            try:
-                self.subspaces.save(self._subspace_cache)
-            except OSError as error:
-                logger.warning("sglang_alchemist: could not cache the preserved subspaces: %s", error)
+        if need_anchor:
+            anchor = yield from OutputAnchor.compute(self.model, sequences, self.anchor_weight)
+            self.trainer.anchor = anchor
+            logger.info("sglang_alchemist: output anchor ready (mean covariance rank %s)", anchor.rank())
+            self._cache(anchor, self._anchor_cache)
+        if need_subspaces:
+            self.subspaces = yield from PreservedSubspaces.compute(self.model, sequences, self.preserve_energy,
+                                                                    max_rank=3 * self.model.geometry.hidden_size // 4)
+            logger.info("sglang_alchemist: knowledge-preserving subspaces ready (mean rank %s)", self.subspaces.rank())
+            self._cache(self.subspaces, self._subspace_cache)
+
+    @staticmethod
+    def _cache(statistics, path: Path | None) -> None:
+        if path is None:
+            return
+        try:
+            statistics.save(path)
+        except OSError as error:  # a full disk costs a recomputation after a restart, nothing more
+            logger.warning("sglang_alchemist: could not cache %s: %s", path.name, error)
 
     def _check(self, probes: list[GuardPrompt]) -> Generator[SliceInfo, None, GateResult]:
         """Answer the probes with the candidate; which ones regressed (``training/guard.py``)."""

@@ -49,11 +49,13 @@ class RecipeSettings:
     rehearsal_weight: float = 1.0
     replay_similar_share: float = 0.5
     memory_size: int = 10_000
+    rehearsal_objective: str = "distill"
+    rehearsal_pool: int = 4  # the nearest ``rehearsal_pool * rehearsal`` guard prompts are drawn from
 
     @classmethod
     def from_config(cls, config) -> RecipeSettings:
         return cls(passes=config.passes, stop_loss=config.pass_stop_loss, replay=config.replay_feedback,
-                   rehearsal=config.rehearsal)
+                   rehearsal=config.rehearsal, rehearsal_objective=config.rehearsal_objective)
 
 
 @dataclass
@@ -121,7 +123,8 @@ class FeedbackUpdate:
         self.passes_done = 0
         self.losses: list[float] = []
         self._stopped = False
-        self._rehearsal_pool = guard.nearest(words, "rehearsal", 4 * settings.rehearsal) if guard else []
+        self._rehearsal_pool = (guard.nearest(words, "rehearsal", settings.rehearsal_pool * settings.rehearsal)
+                                if guard else [])
         self._repair: list = []  # guard probes this update broke: rehearsed in every later step
         self.max_passes = 1 if item.kind == "accept" else settings.passes
 
@@ -148,7 +151,9 @@ class FeedbackUpdate:
             weights.append(settings.replay_weight)
         ready = [p for p in self._rehearsal_pool if p.answer_ids]
         for prompt in [*self.rng.sample(ready, min(len(ready), settings.rehearsal)), *self._repair]:
-            items.append(TrainingItem(None, prompt.prompt_ids, prompt.answer_ids, "sft", 1.0, role="rehearsal"))
+            distill = settings.rehearsal_objective == "distill" and prompt.teacher is not None
+            items.append(TrainingItem(None, prompt.prompt_ids, prompt.answer_ids, "distill" if distill else "sft",
+                                      1.0, role="rehearsal", teacher=prompt.teacher if distill else None))
             weights.append(settings.rehearsal_weight)
         # mean loss per token, weighted within the batch (an item's own ``weight`` is applied by the step)
         total = sum(weights)

@@ -50,7 +50,7 @@ from sglang_alchemist.memory.records import LAYER_TENSORS, LayerTensors
 from sglang_alchemist.training.layers import decoder_layer, rms_norm
 from sglang_alchemist.training.lora import LoraAdapter
 from sglang_alchemist.training.model_spec import FrozenModel
-from sglang_alchemist.training.objectives import objective_loss
+from sglang_alchemist.training.objectives import Teacher, objective_loss
 from sglang_alchemist.training.replay import (
     backward_from,
     fill_rows,
@@ -126,6 +126,7 @@ class Example:
     objective: str = "sft"
     weight: float = 1.0
     activations: RecordedActivations | None = None  # None: every prompt row is filled
+    teacher: Teacher | None = None  # the ``distill`` objective's base distributions, one row per target
 
     @property
     def num_target_tokens(self) -> int:
@@ -337,10 +338,15 @@ class _SampleState:
                 normed = rms_norm(hidden, model.final_norm, geometry.rms_norm_eps)
                 if self.tp is None:
                     logits = normed @ model.lm_head.t()
-                    loss = objective_loss(self.example.objective, logits, self.targets[start:end])
+                    teacher = self.example.teacher
+                    loss = objective_loss(self.example.objective, logits, self.targets[start:end],
+                                          teacher.rows(start, end).to(logits.device) if teacher else None)
                 else:  # the rank's vocab columns; the loss comes out whole on every rank
                     logits = copy_to_tp(normed, self.tp) @ model.lm_head.t()
-                    loss = vocab_parallel_objective_loss(self.example.objective, logits, self.targets[start:end],
+                    # Sharded logits have no top-k teacher: a distilled rehearsal trains the base
+                    # model's greedy answer (its targets) by cross-entropy instead.
+                    objective = "sft" if self.example.objective == "distill" else self.example.objective
+                    loss = vocab_parallel_objective_loss(objective, logits, self.targets[start:end],
                                                          model.vocab_start, self.tp)
                 loss = loss * self.example.weight
                 (loss * self.loss_scale).backward()

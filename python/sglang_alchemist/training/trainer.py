@@ -9,7 +9,9 @@ An optimizer step, top to bottom (``step``):
    The sample's chunks are pinned for the step, so no row disappears between two slices.
 2. Run each item's forward and backward (``step.sample_step``), slice by slice; each item's
    loss is multiplied by the scale the caller gives (the learning recipe decides the weights).
-3. Clip the global gradient norm (``--alchemist-grad-clip``), AdamW step, zero the gradients.
+3. Clip the global gradient norm (``--alchemist-grad-clip``); add the gradient of the forgetting
+   guard's output anchor (``preserve.OutputAnchor``: how much the adapter moves each projection's
+   output on general inputs) and clip the sum again; AdamW step, zero the gradients.
 
 ``snapshot`` copies the adapter and optimizer state (what a version is made of); ``restore``
 puts one back (a rejected candidate, a rollback). Checkpoint files are written by the
@@ -84,6 +86,7 @@ class TrainingItem:
     kind: str = "correction"  # the feedback type: accept, correction, reject, external
     enqueued_at: float = field(default_factory=time.monotonic)
     attempts: int = 0  # updates that failed with this item in them
+    teacher: object | None = None  # ``objectives.Teacher`` for the ``distill`` objective
 
 
 @dataclass
@@ -133,6 +136,9 @@ class Trainer:
         # Replicas (``cluster/sync.py``): averages the gradients over the cluster before every
         # optimizer step; None on a single server, where nothing below changes.
         self.sync = None
+        # The forgetting guard's output anchor (``preserve.OutputAnchor``), added to every step's loss
+        # once the learning core has computed it; None until then, or when it is off.
+        self.anchor = None
         if history.current != 0:
             self.load_version(history.current)
 
@@ -171,7 +177,8 @@ class Trainer:
                 activations = SampleActivations(recorded.store, pinned, len(item.prompt_ids))
             else:
                 blocker = "evicted"
-        return Example(item.prompt_ids, item.target_ids, item.objective, item.weight, activations), blocker, pinned
+        return (Example(item.prompt_ids, item.target_ids, item.objective, item.weight, activations, item.teacher),
+                blocker, pinned)
 
     def step(self, items: list[TrainingItem], loss_scales: list[float], planner: SlicePlanner | None = None,
              first_pass: bool = True, sync_weight: float = 1.0) -> Generator[SliceInfo, None, StepOutcome]:
@@ -197,6 +204,13 @@ class Trainer:
             self.sync.reduce_gradients(self.adapter.parameters(), sync_weight if items else 0.0)
         if self.settings.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), self.settings.grad_clip)
+        if self.anchor is not None:  # after the average: every replica holds the same adapter, hence the same term
+            # Added after the feedback's gradient is clipped, so a large feedback gradient (a new
+            # fact's first pass) does not drown the anchor's pull; then the sum is clipped again.
+            with torch.enable_grad():
+                self.anchor.penalty(self.adapter).backward()
+            if self.settings.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), self.settings.grad_clip)
         self.optimizer.step()
         self.adapter.zero_grad()
         self.counters.optimizer_steps += 1
