@@ -22,8 +22,8 @@ from sglang_alchemist.training.generate import greedy_generate, teacher_forced
 from sglang_alchemist.training.guard import GuardSet, content_words, load_user_probes, similarity
 from sglang_alchemist.training.lane_core import LearningCore
 from sglang_alchemist.training.lora import LoraAdapter, LoraSpec
-from sglang_alchemist.training.objectives import distill_loss, top_k_teacher
 from sglang_alchemist.training.model_spec import frozen_model_from_transformers
+from sglang_alchemist.training.objectives import distill_loss, top_k_teacher
 from sglang_alchemist.training.preserve import INPUT_OF, OutputAnchor, PreservedSubspaces, collect_inputs
 from sglang_alchemist.training.recipe import FeedbackMemory, Remembered
 from sglang_alchemist.training.step import run_to_completion
