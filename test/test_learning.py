@@ -131,6 +131,23 @@ def test_experience_replay_mixes_similar_and_random_earlier_feedback():
     assert len(memory) == 18 and all(p.feedback_id not in ("fb1", "fb2") for p in memory.items)
 
 
+def test_a_later_correction_of_the_same_prompt_replaces_the_earlier_one_in_replay():
+    memory = FeedbackMemory(size=100)
+    words = frozenset({"animal"})
+    memory.add(Remembered("otter", [1, 2, 3], [7], "sft", 1.0, words))
+    memory.add(Remembered("not-cat", [1, 2, 3], [8], "unlikelihood", 1.0, words))
+    memory.add(Remembered("other", [1, 2, 4], [9], "sft", 1.0, words))
+    # while the new correction trains, the answer it corrects is not replayed against it
+    picked = memory.pick(words, 4, 0.5, random.Random(0), exclude="heron", superseding=([1, 2, 3], "sft"))
+    assert sorted(p.feedback_id for p in picked) == ["not-cat", "other"]
+    # once learned it replaces the earlier answer; the rejected answer stays (it still holds)
+    memory.add(Remembered("heron", [1, 2, 3], [10], "sft", 1.0, words))
+    assert sorted(p.feedback_id for p in memory.items) == ["heron", "not-cat", "other"]
+    # a rejection supersedes nothing
+    memory.add(Remembered("not-dog", [1, 2, 3], [11], "unlikelihood", 1.0, words))
+    assert len(memory) == 4
+
+
 def test_greedy_answers_are_reproduced_teacher_forced_by_the_same_forward(tiny):
     model, tokenizer, chat_ids = tiny
     prompts = [chat_ids([{"role": "user", "content": q["question"]}]) for q in QUESTIONS[:3]]

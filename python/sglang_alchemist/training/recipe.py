@@ -69,6 +69,19 @@ class Remembered:
     weight: float
     words: frozenset[str]
 
+    @property
+    def wanted(self) -> bool:
+        """A target the user wants (a correction or an accept), not a rejected answer."""
+        return self.objective != "unlikelihood"
+
+    def superseded_by(self, prompt_ids: list[int], objective: str) -> bool:
+        """A later wanted answer to the same prompt replaces this one: the latest correction wins.
+
+        Replaying the earlier answer would pull the model back towards what the user corrected
+        since (a rejected answer stays: it is consistent with any later correction).
+        """
+        return self.wanted and objective != "unlikelihood" and self.prompt_ids == list(prompt_ids)
+
 
 class FeedbackMemory:
     """The trained feedback experience replay draws from (bounded; rebuilt from the journal at start)."""
@@ -80,6 +93,9 @@ class FeedbackMemory:
     def add(self, item: Remembered) -> None:
         if item.feedback_id in self._ids:
             return
+        superseded = [old.feedback_id for old in self.items if old.superseded_by(item.prompt_ids, item.objective)]
+        if superseded:
+            self.forget(superseded)
         if len(self.items) == self.items.maxlen:
             self._ids.discard(self.items[0].feedback_id)
         self.items.append(item)
@@ -94,8 +110,13 @@ class FeedbackMemory:
         self._ids -= drop
 
     def pick(self, words: frozenset[str], count: int, similar_share: float, rng: random.Random,
-             exclude: str | None = None) -> list[Remembered]:
-        pool = [item for item in self.items if item.feedback_id != exclude]
+             exclude: str | None = None, superseding: tuple[list[int], str] | None = None) -> list[Remembered]:
+        """Up to ``count`` remembered items, ``similar_share`` of them the most similar to ``words``.
+
+        ``superseding`` (the current item's prompt and objective) leaves out what it replaces.
+        """
+        pool = [item for item in self.items if item.feedback_id != exclude
+                and not (superseding and item.superseded_by(*superseding))]
         if count <= 0 or not pool:
             return []
         similar = round(count * similar_share)
@@ -146,7 +167,8 @@ class FeedbackUpdate:
         items = [self.item]
         weights = [1.0]
         for old in self.memory.pick(self.words, settings.replay, settings.replay_similar_share, self.rng,
-                                    exclude=self.item.feedback_id):
+                                    exclude=self.item.feedback_id,
+                                    superseding=(self.item.prompt_ids, self.item.objective)):
             items.append(TrainingItem(None, old.prompt_ids, old.target_ids, old.objective, old.weight, role="replay"))
             weights.append(settings.replay_weight)
         ready = [p for p in self._rehearsal_pool if p.answer_ids]
