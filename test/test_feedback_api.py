@@ -51,12 +51,24 @@ def server(launch_server, tiny_model_dir, tmp_path_factory):
     server.stop()
 
 
-def chat(server, content: str, model: str = "default") -> dict:
+def chat(server, content: str, model: str = "default", logprobs: bool = False) -> dict:
     response = requests.post(server.url + "/v1/chat/completions", headers=USER, timeout=120, json={
         "model": model, "messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0,
+        **({"logprobs": True} if logprobs else {}),
     })
     assert response.status_code == 200, response.text
     return response.json()
+
+
+def signature(response: dict) -> tuple[str, tuple[float, ...]]:
+    """A served answer's text and its tokens' log-probabilities (rounded): what tells versions apart.
+
+    The random tiny model often answers two versions with the same few characters ("S"), so the
+    text alone cannot show that a new version is served; its log-probabilities always move.
+    """
+    choice = response["choices"][0]
+    logprobs = tuple(round(token["logprob"], 3) for token in choice["logprobs"]["content"])
+    return choice["message"]["content"], logprobs
 
 
 def post_feedback(server, body, headers=USER) -> requests.Response:
@@ -162,16 +174,17 @@ def test_loop_versions_rollback_and_peft_checkpoints_reproduce_server_outputs(se
     question = "What is my favourite animal?"
     start = wait_idle_at(server, None)
     base_version = start["serving"]["served_version"]
-    outputs = {base_version: chat(server, question)["choices"][0]["message"]["content"]}
+    signatures = {base_version: signature(chat(server, question, logprobs=True))}
     for offset, answer in enumerate(["My favourite animal is the otter.", "It is the heron, obviously."], 1):
         served = chat(server, question)
         assert post_feedback(server, {"id": served["id"], "type": "correction", "completion": answer}).status_code == 202
         wait_idle_at(server, base_version + offset)
-        response = chat(server, question)
+        response = chat(server, question, logprobs=True)
         assert response["metadata"]["alchemist_adapter_version"] == base_version + offset
-        outputs[base_version + offset] = response["choices"][0]["message"]["content"]
+        signatures[base_version + offset] = signature(response)
     first, second = base_version + 1, base_version + 2
-    assert len(set(outputs.values())) == 3, outputs  # each version answers differently
+    assert len(set(signatures.values())) == 3, signatures  # each version answers differently
+    outputs = {version: text for version, (text, _) in signatures.items()}
 
     # a checkpoint loaded by PEFT generates what the server generated with that version
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
@@ -190,8 +203,10 @@ def test_loop_versions_rollback_and_peft_checkpoints_reproduce_server_outputs(se
     rolled = requests.post(server.url + "/v1/alchemist/rollback", json={"version": first}, headers=ADMIN, timeout=120)
     assert rolled.status_code == 200, rolled.text
     assert rolled.json()["served_version"] == first
-    response = chat(server, question)
-    assert response["choices"][0]["message"]["content"] == outputs[first]
+    response = chat(server, question, logprobs=True)
+    text, logprobs = signature(response)
+    assert text == outputs[first]
+    assert logprobs == pytest.approx(signatures[first][1], abs=2e-3)
     assert response["metadata"]["alchemist_adapter_version"] == first
     versions = admin_get(server, "/v1/alchemist/versions")
     assert versions["current"] == first and second not in versions["lineage"]
