@@ -192,6 +192,7 @@ def test_the_gate_rejects_a_regressing_candidate_and_keeps_the_last_accepted_wei
     before = {name: tensor.clone() for name, tensor in learning.trainer.adapter.peft_state_dict().items()}
     report = learning.train_feedback("fb-1", *correction(tiny, "Who invented the radio?", "Zed Quorn invented it."))
     assert not report["accepted"] and report["gate"]["regressed"] and "regressed" in report["gate"]["reason"]
+    assert report["gate"]["inherited"] == []  # the served version (the base) answered them all
     # at this learning rate the update moves its neighbours' answers further than two repair rounds bring back
     assert report["gate"]["repairs"] == 2 and report["passes"] == 4 + 2 * 2
     after = learning.trainer.adapter.peft_state_dict()
@@ -200,6 +201,39 @@ def test_the_gate_rejects_a_regressing_candidate_and_keeps_the_last_accepted_wei
     lenient = core(tiny, guard_set(tiny, user_probes=[probe]), lr=0.05, passes=4, replay_feedback=0, rehearsal=0,
                    pass_stop_loss=0.0, gate_max_regressions=10, gate_probes=2)
     assert lenient.train_feedback("fb-1", *correction(tiny, "Who invented the radio?", "Zed Quorn."))["accepted"]
+
+
+def test_probes_the_served_version_already_lost_do_not_refuse_an_update_and_corrections_mend_them(tiny):
+    flags = dict(lr=0.05, passes=4, replay_feedback=0, rehearsal=0, pass_stop_loss=0.0, gate_max_regressions=10,
+                 gate_probes=2, gate_repairs=0)
+    learning = knowing(tiny, core(tiny, guard_set(tiny), **flags))
+    question = "Who invented the glimmerphone?"
+    # a lenient gate lets a version through that breaks its neighbours: that version is served
+    broke = learning.train_feedback("fb-1", *correction(tiny, question, "Zed Quorn invented it in 1841."))
+    assert broke["accepted"] and broke["gate"]["regressed"]
+    lost = {r["question"] for r in broke["gate"]["regressed"]}
+    learning.gate_max_regressions = 0
+    # an accept that barely moves the weights finds the same probes wrong: not its doing, accepted
+    for group in learning.trainer.optimizer.param_groups:
+        group["lr"] = 1e-7
+    _, tokenizer, chat_ids = tiny
+    prompt = chat_ids([{"role": "user", "content": question}])
+    served = run_to_completion(greedy_generate(learning.model, learning.trainer.adapter, [prompt], 12,
+                                               {tokenizer.eos_token_id}))[0]
+    accept = learning.train_feedback("fb-2", prompt, served, kind="accept")
+    assert accept["accepted"], accept["gate"]
+    assert accept["gate"]["regressed"] == [] and {r["question"] for r in accept["gate"]["inherited"]} == lost
+    assert learning.gate_counters()["rejections"] == 0
+    # a correction near them rehearses them in a repair round (healing), and is not refused for them
+    healing = core(tiny, guard_set(tiny), **{**flags, "gate_repairs": 1})
+    healing = knowing(tiny, healing)
+    healing.train_feedback("fb-1", *correction(tiny, question, "Zed Quorn invented it in 1841."))
+    healing.gate_max_regressions = 0
+    for group in healing.trainer.optimizer.param_groups:
+        group["lr"] = 1e-7
+    mended = healing.train_feedback("fb-3", *correction(tiny, question, "Zed Quorn invented it in 1841."))
+    assert mended["gate"]["repairs"] == 1 and mended["passes"] == 4 + 2
+    assert mended["accepted"] and mended["gate"]["regressed"] == []
 
 
 def test_knowledge_preserving_updates_leave_the_preserved_inputs_outputs_unchanged(tiny):

@@ -297,12 +297,11 @@ class ClusterLane:
                 if checking:
                     gate = yield from core._check(probes)
                     gate.repairs = repairs
-                repair = (checking and not gate.passed and repairs < core.gate_repairs
-                          and item is not None and item.kind != "accept")  # as LearningCore.update
-                if not sync.any(repair):
+                mend = core.to_repair(gate, item, repairs) if checking and item is not None else []
+                if not sync.any(bool(mend)):
                     break
-                if repair:
-                    update.repair(gate.regressed_prompts, REPAIR_PASSES)
+                if mend:
+                    update.repair(mend, REPAIR_PASSES)
                     repairs += 1
             own_passed = gate is None or gate.passed
             accepted = sync.all(own_passed)

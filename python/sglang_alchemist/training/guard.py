@@ -120,10 +120,14 @@ class GateResult:
     reason: str | None = None
     repairs: int = 0  # repair rounds run before this verdict
     regressed_prompts: list[GuardPrompt] = field(default_factory=list, repr=False)
+    # probes the served version (the last accepted state) already gets wrong: not this update's doing,
+    # so they do not count against it (a correction's repair rounds still rehearse them)
+    inherited: list[dict] = field(default_factory=list)
+    inherited_prompts: list[GuardPrompt] = field(default_factory=list, repr=False)
 
     def public(self) -> dict:
         return {"passed": self.passed, "probes": self.probes, "regressed": self.regressed, "reason": self.reason,
-                "repairs": self.repairs}
+                "repairs": self.repairs, "inherited": self.inherited}
 
 
 def load_bank_questions() -> list[dict]:

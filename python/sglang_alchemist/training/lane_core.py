@@ -7,9 +7,13 @@ feedback item completely:
    computed once per prompt by greedy decoding with the adapter off, then cached);
 2. run the recipe's optimizer steps (``training/recipe.py``): the feedback plus replayed
    earlier feedback plus rehearsed guard prompts, up to ``--alchemist-passes`` times;
-3. **the publish gate**: score the nearest gate prompts and the user's probes teacher-forced;
-   if more probes regress than ``--alchemist-gate-max-regressions`` allows, up to
-   ``--alchemist-gate-repairs`` repair rounds rehearse the regressed probes (with the feedback)
+3. **the publish gate**: answer the nearest gate prompts and the user's probes with the
+   candidate; a probe regresses when its answer loses what the base model's named. A probe the
+   last accepted state (the served version) already gets wrong is *inherited*, not counted
+   against this update: refusing it would change nothing (and refused every accept once an
+   earlier version had broken a nearby probe). If more probes regress than
+   ``--alchemist-gate-max-regressions`` allows, up to ``--alchemist-gate-repairs`` repair rounds
+   rehearse the regressed and inherited probes (with the feedback; corrections and rejects only)
    and check again; if they still regress, the weights go back to the last accepted state and
    the update is reported *rejected* with the reason.
 
@@ -40,6 +44,7 @@ from sglang_alchemist.training.guard import (
     GuardSet,
     recall,
 )
+from sglang_alchemist.training.lora import LoraAdapter
 from sglang_alchemist.training.model_spec import FrozenModel
 from sglang_alchemist.training.preserve import OutputAnchor, PreservedSubspaces
 from sglang_alchemist.training.recipe import FeedbackMemory, FeedbackUpdate, RecipeSettings, Remembered
@@ -92,6 +97,10 @@ class LearningCore:
         self.rng = random.Random(seed)
         self.good: AdapterSnapshot = self.trainer.snapshot()
         self.gate = GateCounters()
+        # the gate's view of the served version: (accepted state, adapter with its weights) and
+        # which probes that state already regresses (probe key -> regressed), filled lazily
+        self._served: tuple[AdapterSnapshot, LoraAdapter] | None = None
+        self._served_regressed: dict[str, bool] = {}
         self.gate_probes = config.gate_probes
         self.gate_max_regressions = config.gate_max_regressions
         self.gate_repairs = config.gate_repairs
@@ -131,11 +140,11 @@ class LearningCore:
                 break
             gate = yield from self._check(probes)
             gate.repairs = repairs
-            # an accept teaches nothing new: one that regresses probes is not worth repairing, only refusing
-            if gate.passed or repairs >= self.gate_repairs or item.kind == "accept":
+            mend = self.to_repair(gate, item, repairs)
+            if not mend:
                 break
-            # rehearse what this update broke, with the feedback still in every step, then check again
-            update.repair(gate.regressed_prompts, REPAIR_PASSES)
+            # rehearse what is broken, with the feedback still in every step, then check again
+            update.repair(mend, REPAIR_PASSES)
             repairs += 1
         accepted = gate is None or gate.passed
         if accepted:
@@ -148,6 +157,19 @@ class LearningCore:
             self.gate.rejections += 1
             self.gate.last_rejection = {"feedback_id": item.feedback_id, "at": time.time(), **gate.public()}
         return UpdateOutcome(item, accepted, update.passes_done, update.losses, gate, time.monotonic() - started, paths)
+
+    def to_repair(self, gate: GateResult, item: TrainingItem, repairs: int) -> list[GuardPrompt]:
+        """The probes a repair round should rehearse after ``gate``; empty: the verdict stands.
+
+        An accept teaches nothing new: one that regresses probes is not worth repairing, only
+        refusing. A correction or a reject is repaired while rounds are left, when it regressed
+        probes or when probes the served version had already lost are near it (healing them).
+        """
+        if item.kind == "accept" or repairs >= self.gate_repairs:
+            return []
+        if gate.passed and not gate.inherited_prompts:
+            return []
+        return [*gate.regressed_prompts, *gate.inherited_prompts]
 
     def train_feedback(self, feedback_id: str, prompt_ids: list[int], target_ids: list[int],
                        kind: str = "correction", objective: str = "sft") -> dict:
@@ -247,48 +269,78 @@ class LearningCore:
             logger.warning("sglang_alchemist: could not cache %s: %s", path.name, error)
 
     def _check(self, probes: list[GuardPrompt]) -> Generator[SliceInfo, None, GateResult]:
-        """Answer the probes with the candidate; which ones regressed (``training/guard.py``)."""
+        """Answer the probes with the candidate; which ones regressed (``training/guard.py``).
+
+        A regressed probe is checked once more with the served version's weights (cached per
+        accepted state): where that one regresses too, the probe is *inherited*, not counted.
+        """
         # a bank probe counts only where the base model knows the answer (its own answer names a key)
         probes = [p for p in probes if p.answer_ids and (p.pool == "user" or self._names_a_key(p, p.answer_ids))]
-        known = [p for p in probes if p.pool != "user"]
-        keyed = [p for p in probes if p.pool == "user" and self._key_words(p)]
-        flipped = [p for p in probes if p.pool == "user" and not self._key_words(p)]
         self.gate.checks += 1
-        regressed, regressed_prompts = [], []
-        for start in range(0, len(known) + len(keyed), GUARD_BATCH):
-            batch = [*known, *keyed][start : start + GUARD_BATCH]
-            outputs = yield from greedy_generate(self.model, self.trainer.adapter, [p.prompt_ids for p in batch],
-                                                 ANSWER_TOKENS, self.stop_ids)
-            for prompt, output in zip(batch, outputs, strict=True):
-                answer = self._text(output)
-                if prompt.pool != "user":
-                    if not self._names_a_key(prompt, output):
-                        regressed_prompts.append(prompt)
-                        regressed.append({"question": prompt.question, "pool": prompt.pool, "deficit": 1.0,
-                                          "keys": list(prompt.keys), "answer": answer})
-                    continue
-                share = recall(prompt.key_words, answer)
-                base = prompt.base_recall if prompt.base_recall is not None else 1.0
-                if base > 0 and share <= base - GATE_LOST_SHARE:
-                    regressed_prompts.append(prompt)
-                    regressed.append({"question": prompt.question, "pool": prompt.pool, "deficit": base - share,
-                                      "key_words": sorted(prompt.key_words), "answer": answer})
-        if flipped:
-            scores = yield from teacher_forced(self.model, self.trainer.adapter,
-                                               [(p.prompt_ids, p.answer_ids) for p in flipped])
-            for prompt, score in zip(flipped, scores, strict=True):
-                flips = score.agree.count(False)
-                if flips >= (prompt.base_flips or 0) + GATE_FLIPS:
-                    regressed_prompts.append(prompt)
-                    regressed.append({"question": prompt.question, "pool": prompt.pool,
-                                      "deficit": flips - (prompt.base_flips or 0), "flips": flips,
-                                      "base_flips": prompt.base_flips, "first_flip": score.first_disagreement})
+        found = yield from self._regressions(self.trainer.adapter, probes)
+        inherited: list[tuple[GuardPrompt, dict]] = []
+        if found:
+            served = self._served_adapter()
+            unknown = [p for p, _ in found if p.key() not in self._served_regressed]
+            if unknown:
+                already = {p.key() for p, _ in (yield from self._regressions(served, unknown))}
+                self._served_regressed.update({p.key(): p.key() in already for p in unknown})
+            inherited = [(p, d) for p, d in found if self._served_regressed[p.key()]]
+            found = [(p, d) for p, d in found if not self._served_regressed[p.key()]]
+        regressed = [detail for _, detail in found]
         passed = len(regressed) <= self.gate_max_regressions
         reason = None if passed else (
             f"{len(regressed)} of {len(probes)} guard probes regressed (allowed: {self.gate_max_regressions}): "
             + "; ".join(r["question"] for r in regressed[:5])
         )
-        return GateResult(passed, len(probes), regressed, reason, regressed_prompts=regressed_prompts)
+        return GateResult(passed, len(probes), regressed, reason, regressed_prompts=[p for p, _ in found],
+                          inherited=[detail for _, detail in inherited],
+                          inherited_prompts=[p for p, _ in inherited])
+
+    def _served_adapter(self) -> LoraAdapter:
+        """An adapter holding the last accepted state's weights (rebuilt when that state changes)."""
+        if self._served is None or self._served[0] is not self.good:
+            adapter = self._served[1] if self._served is not None else LoraAdapter(
+                self.trainer.adapter.spec, self.model.geometry, self.model.device)
+            adapter.load_peft_state_dict(self.good.adapter)
+            self._served = (self.good, adapter)
+            self._served_regressed = {}
+        return self._served[1]
+
+    def _regressions(self, adapter: LoraAdapter, probes: list[GuardPrompt]
+                     ) -> Generator[SliceInfo, None, list[tuple[GuardPrompt, dict]]]:
+        """The probes whose answers under ``adapter`` lost what the base model's named, with details."""
+        known = [p for p in probes if p.pool != "user"]
+        keyed = [p for p in probes if p.pool == "user" and self._key_words(p)]
+        flipped = [p for p in probes if p.pool == "user" and not self._key_words(p)]
+        regressed: list[tuple[GuardPrompt, dict]] = []
+        for start in range(0, len(known) + len(keyed), GUARD_BATCH):
+            batch = [*known, *keyed][start : start + GUARD_BATCH]
+            outputs = yield from greedy_generate(self.model, adapter, [p.prompt_ids for p in batch],
+                                                 ANSWER_TOKENS, self.stop_ids)
+            for prompt, output in zip(batch, outputs, strict=True):
+                answer = self._text(output)
+                if prompt.pool != "user":
+                    if not self._names_a_key(prompt, output):
+                        regressed.append((prompt, {"question": prompt.question, "pool": prompt.pool, "deficit": 1.0,
+                                                   "keys": list(prompt.keys), "answer": answer}))
+                    continue
+                share = recall(prompt.key_words, answer)
+                base = prompt.base_recall if prompt.base_recall is not None else 1.0
+                if base > 0 and share <= base - GATE_LOST_SHARE:
+                    regressed.append((prompt, {"question": prompt.question, "pool": prompt.pool,
+                                               "deficit": base - share, "key_words": sorted(prompt.key_words),
+                                               "answer": answer}))
+        if flipped:
+            scores = yield from teacher_forced(self.model, adapter, [(p.prompt_ids, p.answer_ids) for p in flipped])
+            for prompt, score in zip(flipped, scores, strict=True):
+                flips = score.agree.count(False)
+                if flips >= (prompt.base_flips or 0) + GATE_FLIPS:
+                    regressed.append((prompt, {"question": prompt.question, "pool": prompt.pool,
+                                               "deficit": flips - (prompt.base_flips or 0), "flips": flips,
+                                               "base_flips": prompt.base_flips,
+                                               "first_flip": score.first_disagreement}))
+        return regressed
 
     def _text(self, ids: list[int]) -> str:
         return self.guard.decode([t for t in ids if t not in self.stop_ids])
