@@ -69,18 +69,15 @@ class Remembered:
     weight: float
     words: frozenset[str]
 
-    @property
-    def wanted(self) -> bool:
-        """A target the user wants (a correction or an accept), not a rejected answer."""
-        return self.objective != "unlikelihood"
-
     def superseded_by(self, prompt_ids: list[int], objective: str) -> bool:
-        """A later wanted answer to the same prompt replaces this one: the latest correction wins.
+        """A later wanted answer (correction or accept) to the same prompt replaces this one.
 
         Replaying the earlier answer would pull the model back towards what the user corrected
-        since (a rejected answer stays: it is consistent with any later correction).
+        since: the latest correction wins. A rejected answer (``unlikelihood``) neither replaces
+        nor is replaced: it is consistent with any later correction.
         """
-        return self.wanted and objective != "unlikelihood" and self.prompt_ids == list(prompt_ids)
+        wanted = self.objective != "unlikelihood" and objective != "unlikelihood"
+        return wanted and self.prompt_ids == list(prompt_ids)
 
 
 class FeedbackMemory:
