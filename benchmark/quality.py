@@ -117,9 +117,13 @@ class Client:
 def score(client: Client, questions: list[str], keys: list[list[str]], base: bool = False) -> dict:
     answers = []
     for question, key in zip(questions, keys, strict=True):
-        text = client.ask(question, base=base)["choices"][0]["message"]["content"]
-        answers.append({"question": question, "answer": text, "right": any(k.lower() in text.lower() for k in key)})
-    return {"right": sum(a["right"] for a in answers), "of": len(answers), "answers": answers}
+        response = client.ask(question, base=base)
+        text = response["choices"][0]["message"]["content"]
+        answers.append({"question": question, "answer": text, "right": any(k.lower() in text.lower() for k in key),
+                        # False: the served version's scope left the question to the base model
+                        "adapter_applied": (response.get("metadata") or {}).get("alchemist_adapter_applied")})
+    return {"right": sum(a["right"] for a in answers), "of": len(answers),
+            "adapter_applied": sum(bool(a["adapter_applied"]) for a in answers), "answers": answers}
 
 
 def fact_sets(facts: list[dict]) -> dict:
@@ -265,8 +269,11 @@ def markdown(result: dict) -> str:
             kept = result["after_continual"].get(name)
             row += f" {kept['right']}/{kept['of']} |" if kept else " - |"
         lines.append(row)
+    applied = ", ".join(f"{name} {after[name].get('adapter_applied', 0)}/{after[name]['of']}"
+                        for name in ("facts", "paraphrases", "controls"))
     teach = result["teach"]
-    lines += ["", f"Correction -> served version: median {teach['seconds_to_version']['median']:.0f} s, max "
+    lines += ["", f"Answered with the adapter after training (the rest were outside its scope): {applied}.",
+              f"Correction -> served version: median {teach['seconds_to_version']['median']:.0f} s, max "
               f"{teach['seconds_to_version']['max']:.0f} s (with other traffic served meanwhile); per correction "
               f"{result['cost_per_correction']['optimizer_steps']:.1f} optimizer steps, "
               f"{result['cost_per_correction']['training_seconds']:.0f} s of the training thread. Publish gate: "

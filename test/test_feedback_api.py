@@ -345,6 +345,36 @@ def test_concurrent_feedback_for_one_id_is_one_record(server):
     assert codes == [202] + [409] * 5, codes
 
 
+def test_the_adapter_answers_what_its_feedback_was_about_and_the_base_model_the_rest(server):
+    start = wait_idle_at(server, None)["serving"]["served_version"]
+    taught = post_feedback(server, {"messages": [{"role": "user", "content": "How do I reset the Zentrivox router?"}],
+                                    "completion": "Hold its Quillon button for ten seconds."})
+    assert taught.status_code == 202, taught.text
+    status = wait_idle_at(server, start + 1)
+    assert status["serving"]["scope"]["learnt_prompts"] >= 1, status["serving"]
+    # a question naming the taught prompt's rare word gets the adapter
+    inside = chat(server, "My Zentrivox is stuck, what should I do?")
+    assert inside["metadata"]["alchemist_adapter_version"] == start + 1
+    assert inside["metadata"]["alchemist_adapter_applied"] is True
+    # an unrelated one gets the base model's answer, token log-probabilities included
+    outside = chat(server, "Which planet is the largest?", logprobs=True)
+    assert outside["metadata"]["alchemist_adapter_version"] == start + 1
+    assert outside["metadata"]["alchemist_adapter_applied"] is False
+    base = chat(server, "Which planet is the largest?", model="default:base", logprobs=True)
+    assert signature(outside)[0] == signature(base)[0]
+    assert signature(outside)[1] == pytest.approx(signature(base)[1], abs=1e-4)
+    # naming the version explicitly applies its adapter everywhere
+    named = chat(server, "Which planet is the largest?", model=f"default:alchemist-v{start + 1}", logprobs=True)
+    assert named["metadata"]["alchemist_adapter_applied"] is True
+    assert signature(named)[1] != pytest.approx(signature(base)[1], abs=1e-4)
+    answered_by_base = admin_get(server, "/v1/alchemist/status")["serving"]["scope"]["answered_by_base"]
+    assert answered_by_base >= 1
+    # the scope follows the version: rolled back, the version before did not learn about the Zentrivox
+    rolled = requests.post(server.url + "/v1/alchemist/rollback", json={"version": start}, headers=ADMIN, timeout=120)
+    assert rolled.status_code == 200, rolled.text
+    assert chat(server, "My Zentrivox is stuck, what should I do?")["metadata"]["alchemist_adapter_applied"] is False
+
+
 # --- the feedback route's work without a server: fake scheduler, real journal, ASGI request -----
 
 

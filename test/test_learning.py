@@ -64,6 +64,9 @@ def guard_set(tiny, user_probes=None) -> GuardSet:
 
 def core(tiny, guard, **flags) -> LearningCore:
     model, tokenizer, _ = tiny
+    # the gate's mechanics are tested on neighbouring probes, which a scoped adapter never answers
+    # (the scoped gate has its own test)
+    flags.setdefault("adapter_scope", "all")
     config = AlchemistConfig(state_dir=tempfile.mkdtemp(), lora_rank=4, lora_alpha=8.0, **flags)
     return LearningCore(model, config, guard, {tokenizer.eos_token_id}, Path(config.state_dir), 4096)
 
@@ -234,6 +237,35 @@ def test_probes_the_served_version_already_lost_do_not_refuse_an_update_and_corr
     mended = healing.train_feedback("fb-3", *correction(tiny, question, "Zed Quorn invented it in 1841."))
     assert mended["gate"]["repairs"] == 1 and mended["passes"] == 4 + 2
     assert mended["accepted"] and mended["gate"]["regressed"] == []
+
+
+def test_with_the_adapter_scoped_the_gate_checks_only_probes_the_candidate_would_answer(tiny):
+    flags = dict(lr=0.05, passes=4, replay_feedback=0, rehearsal=0, pass_stop_loss=0.0, gate_max_regressions=0,
+                 gate_probes=2, gate_repairs=0, adapter_scope="feedback")
+    _, tokenizer, chat_ids = tiny
+    fact = correction(tiny, "Who invented the glimmerphone?", "Zed Quorn invented it in 1841.")
+    # served to every request, the update breaks its neighbours and is refused
+    everywhere = knowing(tiny, core(tiny, guard_set(tiny), **{**flags, "adapter_scope": "all"}))
+    refused = everywhere.train_feedback("fb-1", *fact)
+    assert not refused["accepted"] and refused["gate"]["regressed"]
+    # scoped (the default), those neighbours keep the base model's answers when served: nothing to check
+    scoped = knowing(tiny, core(tiny, guard_set(tiny), **flags))
+    assert scoped.scope is not None
+    accepted = scoped.train_feedback("fb-1", *fact)
+    assert accepted["accepted"] and accepted["gate"] is None, accepted["gate"]
+    asked = tokenizer.decode(chat_ids([{"role": "user", "content": "Who made the first glimmerphone?"}]))
+    assert scoped.scope.covers(asked) and len(scoped.scope.learnt) == 1
+    # a probe inside the scope is still checked: contradicting it is refused
+    prompt = chat_ids([{"role": "user", "content": "Who invented the glimmerphone?"}])
+    base_answer = run_to_completion(greedy_generate(scoped.model, None, [prompt], 12, {tokenizer.eos_token_id}))[0]
+    probe = {"messages": [{"role": "user", "content": "Who invented the glimmerphone?"}],
+             "expected": tokenizer.decode(base_answer, skip_special_tokens=True)}
+    guarded = knowing(tiny, core(tiny, guard_set(tiny, user_probes=[probe]), **flags))
+    report = guarded.train_feedback("fb-2", *fact)
+    assert not report["accepted"] and report["gate"]["probes"] == 1, report["gate"]
+    # a rollback rebuilds the scope from the lineage's feedback
+    scoped.reset_scope([])
+    assert not scoped.scope.covers(asked)
 
 
 def test_knowledge_preserving_updates_leave_the_preserved_inputs_outputs_unchanged(tiny):

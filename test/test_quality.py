@@ -6,12 +6,11 @@ while other traffic is served, their 12 unseen paraphrases, 8 held-out controls 
 split (asked only after training, of the served model and of the base), a short continuation of
 ShareGPT accepts, and two rejects. Project defaults.
 
-The bars are what this recipe holds, not the issue's: the full report run taught 16 of 20 facts
-(3 corrections refused by the publish gate) and lost 6 of 47 held-out controls (docs/NOTES.md,
-"The output anchor"). The first 6 facts of the split hold two founders, both refused by the gate in
-that run, and a CI run on them taught 2 of 6: hence the spread subset. So the facts bar is half,
-and the controls bar only says the model did not fall apart (it keeps at least half of what it
-knew); the issue's "controls >= base - 1" is not met (issue 10 stays open on it).
+The facts bar is half (a CI-sized sample: one refused or unlearnt fact is a sixth); the controls
+bar is the issue's, base - 1: with the adapter's scope (``--alchemist-adapter-scope feedback``, the
+default) the held-out controls name nothing the feedback taught, so the base model answers them
+(docs/NOTES.md, "The adapter's scope"). The first 6 facts of the split hold two founders the gate
+once refused in a report run, hence the spread subset.
 """
 
 from __future__ import annotations
@@ -42,9 +41,11 @@ def test_one_correction_teaches_a_fact_and_keeps_the_controls(launch_server, tmp
     assert before["facts"]["right"] == 0, summary  # the facts are really new to the model
     assert after["facts"]["right"] >= 3, summary
     assert after["paraphrases"]["right"] > before["paraphrases"]["right"], summary
-    assert after["controls"]["right"] >= before["controls"]["right"] / 2, summary
+    assert after["controls"]["right"] >= before["controls"]["right"] - 1, summary
+    # the served adapter answered the taught questions; the controls were left to the base model
+    assert after["facts"]["adapter_applied"] >= after["facts"]["right"], after["facts"]
+    assert after["controls"]["adapter_applied"] == 0, [a for a in after["controls"]["answers"] if a["adapter_applied"]]
     # every correction reached a served version or was refused by the gate, visibly
     assert result["teach"]["states"]["trained"] + result["teach"]["states"]["rejected"] == 6, result["teach"]
-    assert result["gate"]["checks"] >= result["teach"]["states"]["trained"]
     assert result["after_continual"]["facts"]["right"] >= 0.8 * after["facts"]["right"], result["after_continual"]
     assert result["rejects"]["fell"] >= 1, result["rejects"]  # (a reject the gate refuses changes nothing)

@@ -61,10 +61,13 @@ def test_kill_during_training_then_restart_loses_nothing(launch_server, tiny_mod
     versions = requests.get(second.url + "/v1/alchemist/versions", timeout=60).json()
     assert version_before in versions["lineage"]
     assert restored["serving"]["served_version"] >= version_before
+    assert restored["serving"]["scope"]["learnt_prompts"] >= 1  # rebuilt from the journal
     assert restored["schedulers"][0]["journal"]["total"] == 13  # every acknowledged feedback survived
     # the restored checkpoint still answers as before the crash
     pinned = chat(second, "Which planet is the largest?", model=f"default:alchemist-v{version_before}")
     assert pinned["choices"][0]["message"]["content"] == answer_before
+    # the taught question is in the restored version's scope: its adapter answers it by default
+    assert chat(second, "Which planet is the largest?")["metadata"]["alchemist_adapter_applied"] is True
 
     final = wait_all_trained(second, expected_records=13)
     journal = final["schedulers"][0]["journal"]

@@ -40,6 +40,7 @@ def server(launch_server, tiny_model_dir, tmp_path_factory):
         "--alchemist-record", "all", "--alchemist-debug-endpoints",
         "--alchemist-lr", "0.02", "--alchemist-lora-rank", "4", "--alchemist-lora-alpha", "8",
         "--alchemist-publish-every", "1", "--alchemist-max-staleness", "0",
+        "--alchemist-adapter-scope", "all",  # requests of every topic replay served versions here
     )
     server = launch_server(args, name="training")
     yield server

@@ -27,6 +27,7 @@ FLAG_PREFIX = "--alchemist-"
 RECORD_POLICIES = ("all", "sample", "opt-in", "none")
 HEDGE_POLICIES = ("auto", "reload", "recompute")
 REJECT_OBJECTIVES = ("unlikelihood", "skip")
+ADAPTER_SCOPES = ("feedback", "all")
 REHEARSAL_OBJECTIVES = ("distill", "sft")
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -251,6 +252,14 @@ class AlchemistConfig:
         check=_readable_guard_file,
         metavar="PATH",
         allowed="a readable JSON-lines file of probes",
+    )
+    adapter_scope: str = _flag(
+        "feedback",
+        "Which requests a served version's adapter answers: 'feedback' - those naming a distinctive (rare "
+        "in general English) word of a prompt its feedback came from, or nearly repeating one; the base "
+        "model answers the rest, so what it knew elsewhere is kept exactly; 'all' - every request (and "
+        "always in a cluster).",
+        choices=ADAPTER_SCOPES,
     )
     publish_every: int = _flag(
         1, "Feedback updates between published adapter versions.", check=_positive_int

@@ -94,7 +94,7 @@ def _register_http_process(config: AlchemistConfig) -> None:
         return result
 
     async def around_resolve_lora(original, tokenizer_manager, obj, *args, **kwargs):
-        api.router.route(obj)
+        api.router.route(obj, getattr(tokenizer_manager, "tokenizer", None))
         await api.router.ensure_loaded(tokenizer_manager, obj)
         return await original(tokenizer_manager, obj, *args, **kwargs)
 
@@ -103,6 +103,7 @@ def _register_http_process(config: AlchemistConfig) -> None:
         if version is not None:
             metadata = dict(metadata or {})
             metadata["alchemist_adapter_version"] = version
+            metadata["alchemist_adapter_applied"] = api.router.adapter_applied(meta_info.get("id", ""))
         return metadata
 
     async def around_streaming(original, serving, adapted_request, *args, **kwargs):

@@ -9,6 +9,12 @@ set and before SGLang resolves adapter names):
 - ``model: "<served-model-name>:base"`` (or ``lora_path: "base"``) -> the base model;
 - an explicit adapter (``model: "<name>:alchemist-v3"``, ``lora_path``) -> that adapter.
 
+Scope (``--alchemist-adapter-scope feedback``, the default; ``feedback/scope.py``): a request on the
+default route whose prompt is not about anything the served version's feedback was about is
+answered by the base model; it still counts as served by version N (the version is the adapter
+*and* its scope), and its response's ``metadata.alchemist_adapter_applied`` is false. Explicit
+adapter names get the adapter everywhere.
+
 The version each request got is remembered by request id, so the response can say which
 adapter produced it (``metadata.alchemist_adapter_version``) and so can
 ``GET /v1/alchemist/completions/{id}``.
@@ -29,6 +35,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
+from sglang_alchemist.feedback.scope import Scope, Traffic
 from sglang_alchemist.training.versions import ADAPTER_NAME_PREFIX, adapter_name
 
 logger = logging.getLogger(__name__)
@@ -52,28 +59,50 @@ class AdapterRouter:
         self.served_version = 0
         self.loaded: list[int] = []  # our versions currently loaded in SGLang, oldest first
         self._last_routed: dict[int, float] = {}
-        self._by_request: OrderedDict[str, int] = OrderedDict()
+        self._by_request: OrderedDict[str, tuple[int, bool]] = OrderedDict()  # rid -> (version, adapter applied)
         self._lock: asyncio.Lock | None = None
+        # the served version's scope (None: its adapter answers every request on the default route)
+        self.scope: Scope | None = None
+        self.traffic = Traffic()
+        self.scoped_out = 0  # default-route requests answered by the base model since start
 
     # --- routing ----------------------------------------------------------------------------
 
-    def route(self, obj: Any) -> None:
+    def route(self, obj: Any, tokenizer: Any = None) -> None:
         """Set ``obj.lora_path`` for a normalized GenerateReqInput (single or batch)."""
         if not hasattr(obj, "lora_path"):
             return  # embedding requests and the like: not ours
         default = adapter_name(self.served_version)
         rids = [obj.rid] if isinstance(obj.rid, str) else list(obj.rid or [])
-        if isinstance(obj.lora_path, list):
-            paths = [self._resolve(path, default) for path in obj.lora_path]
-            obj.lora_path = paths
-        else:
-            obj.lora_path = self._resolve(obj.lora_path, default)
-            paths = [obj.lora_path] * len(rids)
-        for rid, path in zip(rids, paths, strict=False):
-            version = version_of_adapter(path)
+        asked = obj.lora_path if isinstance(obj.lora_path, list) else [obj.lora_path] * max(1, len(rids))
+        paths, reported = [], []
+        for index, path in enumerate(asked):
+            resolved = self._resolve(path, default)
+            reported.append(resolved)
+            if path is None and resolved is not None and self.scope is not None \
+                    and not self._in_scope(obj, index, tokenizer):
+                resolved = None  # the base model answers; the request still belongs to version N
+                self.scoped_out += 1
+            paths.append(resolved)
+        obj.lora_path = paths if isinstance(obj.lora_path, list) or len(set(paths)) > 1 else paths[0]
+        for rid, name, path in zip(rids, reported, paths, strict=False):
+            version = version_of_adapter(name)
             if version is not None:  # other adapters a user loaded are not ours to report
-                self._remember(rid, version)
+                self._remember(rid, version, applied=path is not None)
                 self._last_routed[version] = time.monotonic()
+
+    def _in_scope(self, obj: Any, index: int, tokenizer: Any) -> bool:
+        """Whether the served version's scope covers element ``index`` of the request."""
+        single = isinstance(obj.rid, str) or getattr(obj, "is_single", True)
+        text, ids = getattr(obj, "text", None), getattr(obj, "input_ids", None)
+        if not single:  # a batch (parallel samples repeat its prompts)
+            text = text[index % len(text)] if isinstance(text, list) and text else None
+            ids = ids[index % len(ids)] if isinstance(ids, list) and ids else None
+        if text is None and ids and tokenizer is not None:
+            text = tokenizer.decode(ids)
+        if not isinstance(text, str):
+            return True  # embeddings or the like: nothing to judge, the adapter answers
+        return self.scope.covers(text, self.traffic)
 
     @staticmethod
     def _resolve(path: str | None, default: str | None) -> str | None:
@@ -83,14 +112,20 @@ class AdapterRouter:
             return None
         return path
 
-    def _remember(self, rid: str, version: int) -> None:
-        self._by_request[rid] = version
+    def _remember(self, rid: str, version: int, applied: bool = True) -> None:
+        self._by_request[rid] = (version, applied and version != 0)
         while len(self._by_request) > MAX_REMEMBERED_REQUESTS:
             self._by_request.popitem(last=False)
 
     def version_for_request(self, rid: str) -> int | None:
         """Our adapter version a request was routed to (0: base), or None if unknown."""
-        return self._by_request.get(rid)
+        routed = self._by_request.get(rid)
+        return None if routed is None else routed[0]
+
+    def adapter_applied(self, rid: str) -> bool | None:
+        """Whether the version's adapter answered the request (False: its scope left it to the base)."""
+        routed = self._by_request.get(rid)
+        return None if routed is None else routed[1]
 
     # --- loading versions -------------------------------------------------------------------
 
@@ -138,14 +173,16 @@ class AdapterRouter:
                 raise RuntimeError(f"loading adapter version {version} failed: {result.error_message}")
             self.loaded.append(version)
 
-    async def serve_version(self, tokenizer_manager: Any, version: int, path: str | None) -> None:
-        """Load ``version`` into SGLang if needed and route new requests to it."""
+    async def serve_version(self, tokenizer_manager: Any, version: int, path: str | None,
+                            scope: Scope | None = None) -> None:
+        """Load ``version`` into SGLang if needed and route new requests to it (within ``scope``)."""
         from sglang.srt.managers.io_struct import UnloadLoRAAdapterReqInput
 
         if version != 0:
             await self._load(tokenizer_manager, version, path)
         async with self._guard():
             previous, self.served_version = self.served_version, version
+            self.scope = scope
             logger.info("sglang_alchemist: now serving adapter version %d", version)
             # Unload the least recently routed versions beyond the cap; never the served one or
             # its predecessor (requests routed to it a moment ago may still be starting).
@@ -162,4 +199,5 @@ class AdapterRouter:
 
     def status(self) -> dict:
         return {"served_version": self.served_version, "served_adapter": adapter_name(self.served_version),
-                "loaded_versions": list(self.loaded)}
+                "loaded_versions": list(self.loaded),
+                "scope": None if self.scope is None else {**self.scope.status(), "answered_by_base": self.scoped_out}}

@@ -48,6 +48,7 @@ from sglang_alchemist.api.metrics import (
 )
 from sglang_alchemist.config import AlchemistConfig
 from sglang_alchemist.feedback.journal import Journal, journal_path
+from sglang_alchemist.feedback.scope import Learnt, Scope, template_words
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +125,35 @@ class AlchemistApi:
         self.internal_token = secrets.token_hex(16)
         self.live_metrics = LiveMetrics()
         self._tasks: set = set()
+        self._template_words: set[str] | None = None
+        self._learnt: dict[str, Learnt] = {}  # feedback id -> its prompt, as scope decisions read it
+
+    # --- the served version's scope ---------------------------------------------------------
+
+    def scope_for(self, lineage: list[int]) -> Scope | None:
+        """The prompts of the feedback trained into ``lineage``'s versions (None: no scope).
+
+        Built from the journal, which marks feedback trained before a version is announced, so a
+        restart, a rollback and every replica of a cluster build the same scope for a version.
+        """
+        if self.config.adapter_scope == "all" or self.config.cluster_size > 1:
+            return None  # a replica's journal holds only its own feedback: a cluster serves the adapter to all
+        tokenizer = _tokenizer_manager().tokenizer
+        if self._template_words is None:
+            self._template_words = template_words(tokenizer)
+        scope = Scope(self._template_words)
+        versions = set(lineage) - {0}
+        for record in self.journal.trained():
+            if record.trained_version in versions:
+                learnt = self._learnt.get(record.feedback_id)
+                if learnt is None:
+                    learnt = self._learnt[record.feedback_id] = scope.describe(tokenizer.decode(record.prompt_ids))
+                scope.add(learnt)
+        return scope
+
+    async def serve(self, version: int, path: str | None, lineage: list[int]) -> None:
+        scope = await asyncio.to_thread(self.scope_for, lineage) if version else None
+        await self.router.serve_version(_tokenizer_manager(), version, path, scope)
 
     # --- auth --------------------------------------------------------------------------------
 
@@ -195,13 +225,14 @@ class AlchemistApi:
         import asyncio
 
         if payload.get("event") == "version_published":
-            task = asyncio.get_running_loop().create_task(self._serve(payload["version"], payload["path"]))
+            task = asyncio.get_running_loop().create_task(
+                self._serve(payload["version"], payload["path"], payload.get("lineage") or [payload["version"]]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, version: int, path: str | None) -> None:
+    async def _serve(self, version: int, path: str | None, lineage: list[int]) -> None:
         try:
-            await self.router.serve_version(_tokenizer_manager(), version, path)
+            await self.serve(version, path, lineage)
         except Exception:
             logger.exception("sglang_alchemist: could not serve adapter version %d", version)
 
@@ -214,7 +245,12 @@ class AlchemistApi:
         path = None
         if current:
             path = str(next(v for v in replies[0]["versions"] if v["version"] == current)["path"])
-        await self.router.serve_version(_tokenizer_manager(), current, path)
+        parents = {v["version"]: v["parent"] for v in replies[0]["versions"]}
+        lineage, version = [], current
+        while version is not None and version in parents and version not in lineage:
+            lineage.append(version)
+            version = parents[version]
+        await self.serve(current, path, lineage)
         return self.router.status()
 
     # --- routes ------------------------------------------------------------------------------
@@ -281,7 +317,7 @@ class AlchemistApi:
             replies = await call_schedulers("rollback", {"version": version})
             if isinstance(replies, ORJSONResponse):
                 return replies
-            await api.router.serve_version(_tokenizer_manager(), version, replies[0]["path"])
+            await api.serve(version, replies[0]["path"], replies[0].get("lineage") or [version])
             return {"object": "alchemist.rollback", "version": version, **api.router.status()}
 
         @app.post("/v1/alchemist/pause")

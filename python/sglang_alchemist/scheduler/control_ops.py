@@ -128,8 +128,10 @@ class ControlOps:
             runtime.history.set_current(version)
             runtime.publisher.announced = version
             core.good = core.trainer.snapshot()
-            core.memory.forget([r.feedback_id for r in runtime.journal.trained()
-                                if r.trained_version not in set(runtime.history.lineage())])
+            lineage = set(runtime.history.lineage())
+            trained = runtime.journal.trained()
+            core.memory.forget([r.feedback_id for r in trained if r.trained_version not in lineage])
+            core.reset_scope([r.prompt_ids for r in trained if r.trained_version in lineage - {0}])
             return runtime.version_payload(version)
 
         return Deferred(job)

@@ -177,7 +177,8 @@ class AlchemistRuntime:
 
     def version_payload(self, version: int) -> dict:
         return {"version": version, "adapter": adapter_name(version),
-                "path": str(self.history.checkpoint_dir(version)) if version else None}
+                "path": str(self.history.checkpoint_dir(version)) if version else None,
+                "lineage": self.history.lineage(version)}  # whose feedback the version's scope covers
 
     # --- hooks called by AlchemistScheduler (scheduler thread) ---------------------------------
 

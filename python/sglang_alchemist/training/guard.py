@@ -172,7 +172,8 @@ class GuardSet:
     def __init__(self, chat_ids, encode, decode, user_probes: list[dict] | None = None,
                  questions: list[dict] | None = None) -> None:
         self.decode = decode
-        template_words = content_words(decode(chat_ids([{"role": "user", "content": ""}])))
+        self.template_text = decode(chat_ids([{"role": "user", "content": ""}]))
+        template_words = content_words(self.template_text)
         self.template_words = template_words
         self.prompts: list[GuardPrompt] = []
         for index, entry in enumerate(questions if questions is not None else load_bank_questions()):

@@ -8,7 +8,9 @@ feedback item completely:
 2. run the recipe's optimizer steps (``training/recipe.py``): the feedback plus replayed
    earlier feedback plus rehearsed guard prompts, up to ``--alchemist-passes`` times;
 3. **the publish gate**: answer the nearest gate prompts and the user's probes with the
-   candidate; a probe regresses when its answer loses what the base model's named. A probe the
+   candidate (with ``--alchemist-adapter-scope feedback``, only the probes the candidate version
+   would answer with its adapter: the base model answers the rest, unchanged); a probe
+   regresses when its answer loses what the base model's named. A probe the
    last accepted state (the served version) already gets wrong is *inherited*, not counted
    against this update: refusing it would change nothing (and refused every accept once an
    earlier version had broken a nearby probe). If more probes regress than
@@ -33,6 +35,7 @@ from collections.abc import Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sglang_alchemist.feedback.scope import Learnt, Scope
 from sglang_alchemist.training.generate import greedy_generate, teacher_forced
 from sglang_alchemist.training.guard import (
     ANSWER_TOKENS,
@@ -102,6 +105,11 @@ class LearningCore:
         self._served: tuple[AdapterSnapshot, LoraAdapter] | None = None
         self._served_regressed: dict[str, bool] = {}
         self.gate_probes = config.gate_probes
+        # the served scope (feedback/scope.py): which requests the served adapter answers. The gate
+        # checks only the probes a candidate version would answer with its adapter; the base model
+        # answers the others when served, so they cannot regress.
+        scoped = getattr(config, "adapter_scope", "all") == "feedback" and getattr(config, "cluster_size", 1) == 1
+        self.scope: Scope | None = Scope.for_template(guard.template_text) if scoped and guard is not None else None
         self.gate_max_regressions = config.gate_max_regressions
         self.gate_repairs = config.gate_repairs
         self.guard_cache = guard_cache
@@ -122,7 +130,8 @@ class LearningCore:
         started = time.monotonic()
         words = self.guard.words_of(item.prompt_ids) if self.guard is not None else frozenset()
         update = FeedbackUpdate(item, self.recipe, self.memory, self.guard, words, self.rng)
-        probes = self._gate_probes(words)
+        learnt = self.scope.describe(self.guard.decode(item.prompt_ids)) if self.scope is not None else None
+        probes = self._gate_probes(words, learnt)
         yield from self._ensure_answers([*update.rehearsal_prompts(), *probes])
         yield from self.ensure_preservation()
         paths = []
@@ -149,6 +158,8 @@ class LearningCore:
         accepted = gate is None or gate.passed
         if accepted:
             self.good = self.trainer.snapshot()
+            if learnt is not None and item.feedback_id is not None:
+                self.scope.add(learnt)
             if item.feedback_id is not None:
                 self.memory.add(Remembered(item.feedback_id, item.prompt_ids, item.target_ids, item.objective,
                                            item.weight, words))
@@ -182,13 +193,27 @@ class LearningCore:
         """Feedback trained before a restart joins experience replay again (from the journal)."""
         words = self.guard.words_of(prompt_ids) if self.guard is not None else frozenset()
         self.memory.add(Remembered(feedback_id, list(prompt_ids), list(target_ids), objective, weight, words))
+        if self.scope is not None:
+            self.scope.add(self.scope.describe(self.guard.decode(prompt_ids)))
+
+    def reset_scope(self, prompts: list[list[int]]) -> None:
+        """The served scope after a rollback: the prompts of the feedback on the new lineage."""
+        if self.scope is not None:
+            self.scope = Scope.for_template(self.guard.template_text)
+            for prompt_ids in prompts:
+                self.scope.add(self.scope.describe(self.guard.decode(prompt_ids)))
 
     # --- guard --------------------------------------------------------------------------------
 
-    def _gate_probes(self, words: frozenset[str]) -> list[GuardPrompt]:
+    def _gate_probes(self, words: frozenset[str], learnt: Learnt | None = None) -> list[GuardPrompt]:
+        """The nearest bank gate questions and the user's probes; with a scope, only those the
+        candidate (the served scope plus ``learnt``, this feedback's prompt) answers with its adapter."""
         if self.guard is None or self.gate_max_regressions < 0:
             return []
-        return [*self.guard.nearest(words, "gate", self.gate_probes, keyed=True), *self.guard.user_probes]
+        probes = [*self.guard.nearest(words, "gate", self.gate_probes, keyed=True), *self.guard.user_probes]
+        if self.scope is None:
+            return probes
+        return [p for p in probes if self.scope.covers(self.guard.decode(p.prompt_ids), also=learnt)]
 
     def _ensure_answers(self, prompts: list[GuardPrompt]) -> Generator[SliceInfo, None, None]:
         """Base answers (adapter off) and their base score for every prompt that lacks them."""

@@ -124,10 +124,11 @@ class VersionHistory:
         with self.lock:
             return max(self.versions)
 
-    def lineage(self) -> list[int]:
-        """Versions from the current one back to 0 (current first)."""
+    def lineage(self, version: int | None = None) -> list[int]:
+        """Versions from ``version`` (default: the current one) back to 0, newest first."""
         with self.lock:
-            chain, version = [], self.current
+            chain = []
+            version = self.current if version is None else version
             while version is not None and version in self.versions:
                 chain.append(version)
                 version = self.versions[version].parent

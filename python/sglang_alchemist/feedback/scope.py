@@ -1,0 +1,169 @@
+"""Which requests a served version's adapter answers: the ones about what its feedback taught.
+
+Why (issue 10, measured in docs/NOTES.md "The adapter's scope"): a 135M model's general
+knowledge is fragile. A random LoRA perturbation that moves its outputs by a KL of 0.003 per
+token already flips 2 of 52 famous-fact answers, and teaching one fact from one correction
+moves them by 10x that, whatever the forgetting guard (rehearsal, output anchor, gate). So the
+adapter of a version is applied only to requests that are about something its lineage's
+feedback was about; every other request gets the base model's answer, exactly. This is the
+scope classifier of SERAC / the deferral radius of GRACE, kept simple and explainable:
+
+- a request is **in scope** when it names a *distinctive* word of a learnt prompt: a word that
+  general English almost never uses (Zipf frequency below :data:`DISTINCTIVE_ZIPF` in
+  ``wordfreq``, i.e. under ~0.3 per million words: invented or rare names, code identifiers),
+  e.g. "Who founded Quellmark?" after a correction of "When was Quellmark founded?";
+- or when it nearly repeats a learnt prompt (cosine >= :data:`NEAR_REPEAT` of their words
+  weighted by how rare each is), so feedback on "What is my favourite animal?" applies to that
+  question even though none of its words is rare.
+
+Words of the chat template (its default system prompt, role names) never count, and neither
+does a distinctive word that most recent traffic contains (a deployment's own system prompt
+naming its product): it says nothing about what a request is about.
+
+Costs and limits: a lesson reaches only requests that share such a word with the prompt it
+came from, so "answer more briefly" taught on one prompt does not change others (use
+``--alchemist-adapter-scope all`` for that); a request served by the base model records
+activations the trainer cannot replay once a version > 0 trains.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter, deque
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import lru_cache
+
+DISTINCTIVE_ZIPF = 2.5  # wordfreq Zipf scale: log10 of uses per billion words; 2.5 = 0.3 per million
+NEAR_REPEAT = 0.8  # cosine of rarity-weighted words at or above which a request repeats a learnt prompt
+MAX_ZIPF = 8.0  # the most frequent English words sit near 7.7 ("the")
+BACKGROUND_WINDOW = 200  # recent requests over which a word's share is counted
+BACKGROUND_MIN_REQUESTS = 20
+BACKGROUND_SHARE = 0.5  # a distinctive word in at least this share of recent requests is background
+
+_WORD = re.compile(r"\w+")
+
+
+@lru_cache(maxsize=200_000)
+def zipf(word: str) -> float:
+    from wordfreq import zipf_frequency
+
+    return zipf_frequency(word, "en")
+
+
+def distinctive(word: str) -> bool:
+    """Rare in general English (names, identifiers); numbers and single letters are not names."""
+    return len(word) > 1 and not word.isdigit() and zipf(word) < DISTINCTIVE_ZIPF
+
+
+def weight(word: str) -> float:
+    """How much a word says about what a text is about (0 for the commonest words)."""
+    return max(0.0, MAX_ZIPF - zipf(word))
+
+
+@dataclass(frozen=True)
+class Learnt:
+    """One learnt prompt, reduced to what scope decisions read."""
+
+    keys: frozenset[str]  # its distinctive words
+    vector: dict[str, float]  # rarity-weighted words, unit norm
+
+
+class Scope:
+    """The learnt prompts of one served version, and the test a request's text must pass."""
+
+    @classmethod
+    def for_template(cls, rendered: str) -> Scope:
+        """A scope leaving out the words of ``rendered``: the chat template around an empty message."""
+        return cls(_WORD.findall(rendered.lower()))
+
+    def __init__(self, template_words: Iterable[str] = ()) -> None:
+        self.template_words = frozenset(template_words)
+        self.learnt: list[Learnt] = []
+        self._by_key: dict[str, int] = {}  # distinctive word -> learnt prompts naming it
+        self._by_word: dict[str, list[int]] = {}  # any weighted word -> learnt prompts containing it
+
+    # --- building ---------------------------------------------------------------------------
+
+    def words(self, text: str) -> set[str]:
+        return {word for word in _WORD.findall(text.lower()) if word not in self.template_words}
+
+    def describe(self, text: str) -> Learnt:
+        words = self.words(text)
+        vector = {word: weight(word) for word in words if weight(word) > 0}
+        norm = math.sqrt(sum(value * value for value in vector.values())) or 1.0
+        return Learnt(frozenset(w for w in words if distinctive(w)),
+                      {word: value / norm for word, value in vector.items()})
+
+    def add(self, learnt: Learnt) -> None:
+        index = len(self.learnt)
+        self.learnt.append(learnt)
+        for key in learnt.keys:
+            self._by_key[key] = self._by_key.get(key, 0) + 1
+        for word in learnt.vector:
+            self._by_word.setdefault(word, []).append(index)
+
+    # --- deciding ---------------------------------------------------------------------------
+
+    def covers(self, text: str, traffic: Traffic | None = None, also: Learnt | None = None) -> bool:
+        """Whether the served adapter should answer ``text`` (a request's whole prompt).
+
+        ``traffic`` (the router's, kept across versions) learns the request's distinctive words
+        and says which ones most recent requests share. ``also``: one more learnt prompt (the
+        publish gate asks about a candidate version: the served scope plus its feedback).
+        """
+        request = self.describe(text)
+        background = traffic.observe(request.keys) if traffic is not None else set()
+        known = [key for key in request.keys if key not in background]
+        if any(key in self._by_key or (also is not None and key in also.keys) for key in known):
+            return True
+        nearest = self.nearest(request)
+        if also is not None:
+            nearest = max(nearest, sum(value * also.vector.get(word, 0.0) for word, value in request.vector.items()))
+        return nearest >= NEAR_REPEAT
+
+    def nearest(self, request: Learnt) -> float:
+        """The highest cosine between ``request`` and a learnt prompt sharing a word with it."""
+        candidates = {index for word in request.vector for index in self._by_word.get(word, ())}
+        best = 0.0
+        for index in candidates:
+            vector = self.learnt[index].vector
+            best = max(best, sum(value * vector.get(word, 0.0) for word, value in request.vector.items()))
+        return best
+
+    def status(self) -> dict:
+        return {"learnt_prompts": len(self.learnt), "distinctive_words": len(self._by_key)}
+
+
+class Traffic:
+    """The distinctive words of recent requests: those most of them share are background."""
+
+    def __init__(self, window: int = BACKGROUND_WINDOW) -> None:
+        self._recent: deque[frozenset[str]] = deque(maxlen=window)
+        self._counts: Counter[str] = Counter()
+        self.background: set[str] = set()
+
+    def observe(self, keys: frozenset[str]) -> set[str]:
+        """Count one request's distinctive words; returns the background words."""
+        if len(self._recent) == self._recent.maxlen:
+            for word in self._recent[0]:
+                self._counts[word] -= 1
+                if self._counts[word] <= 0:
+                    del self._counts[word]
+        self._recent.append(keys)
+        self._counts.update(keys)
+        seen = len(self._recent)
+        self.background = set() if seen < BACKGROUND_MIN_REQUESTS else {
+            word for word, count in self._counts.items() if count >= BACKGROUND_SHARE * seen}
+        return self.background
+
+
+def template_words(tokenizer) -> set[str]:
+    """Words every chat prompt of this model contains: role names, a default system prompt."""
+    try:
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
+                                                 add_generation_prompt=True)
+    except Exception:  # a model without a chat template: nothing to leave out
+        return set()
+    return set(Scope.for_template(str(rendered)).template_words)
