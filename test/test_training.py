@@ -184,6 +184,14 @@ def test_a_stale_sample_is_recomputed_and_counted(server, tokenizer, version_one
     assert reply["activations_reusable"] is False and reply["replay_blocker"] == "stale"
     after = wait_until_trained(server, served_version=current_version + 2)
     assert after["schedulers"][0]["training"]["recompute_reasons"].get("stale", 0) >= 1
+    # a request served by a version already too stale to replay is not recorded at all
+    not_recorded = after["schedulers"][0]["recording"]["requests_not_recorded"]
+    old = chat(server, "What is a dictionary?", model=f"default:alchemist-v{current_version}")
+    assert old["metadata"]["alchemist_adapter_version"] == current_version
+    assert status(server)["schedulers"][0]["recording"]["requests_not_recorded"] == not_recorded + 1
+    reply = feedback(server, old["id"], "A mapping.")
+    assert reply["activations_reusable"] is False and reply["replay_blocker"] == "stale"
+    wait_until_trained(server, served_version=current_version + 3)
 
 
 def test_loss_falls_and_the_served_output_becomes_the_correction(server, tokenizer):

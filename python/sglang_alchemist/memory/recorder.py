@@ -21,6 +21,7 @@ requests' recordings.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,6 +76,10 @@ class PrefillRecorder:
         self.bytes_per_token = bytes_per_token_per_layer(geometry, dtype) * geometry.num_layers
         self.counters = RecorderCounters()
         self._planned: list[_Planned] = []
+        # whether rows made with an adapter version could still be replayed (set by the runtime:
+        # within --alchemist-max-staleness of the trainer's version); rows that never could are
+        # not recorded - e.g. requests the adapter's scope left to the base model, many versions on
+        self.replayable: Callable[[int], bool] | None = None
 
     def recording_for(self, request: ExtendRequest) -> RequestRecording:
         recording = self.samples.recording(request.rid)
@@ -83,6 +88,8 @@ class PrefillRecorder:
             reason = None if chosen else "not_recorded"
             if chosen and request.adapter_version < 0:
                 chosen, reason = False, "foreign_adapter"
+            elif chosen and self.replayable is not None and not self.replayable(request.adapter_version):
+                chosen, reason = False, "stale"
             recording = self.samples.start(request.rid, request.prompt_ids, request.adapter_version, chosen, reason)
             if chosen:
                 self.counters.requests_recorded += 1

@@ -89,6 +89,7 @@ class AlchemistRuntime:
         self.journal = Journal(journal_path(self.state_dir))
         self.history = VersionHistory.load(self.state_dir / "adapters", config.keep_checkpoints)
         self._fall_back_to_a_loadable_version()
+        self.recorder.replayable = self._replayable
         tokenizer = view.tokenizer
         guard = _guard_set(tokenizer, config) if tokenizer is not None else None
         stop_ids = {tokenizer.eos_token_id} if tokenizer is not None and tokenizer.eos_token_id is not None else set()
@@ -174,6 +175,10 @@ class AlchemistRuntime:
         logger.info("sglang_alchemist: published adapter version %d (loss %s)", info.version, info.recent_loss)
         self.events.send(AlchemistControlReqOutput(rid=EVENT_RID, ok=True, payload={
             "event": "version_published", **self.version_payload(info.version)}))
+
+    def _replayable(self, version: int) -> bool:
+        """Rows recorded with ``version`` could be replayed by the trainer (not too stale)."""
+        return self.history.staleness(version, limit=self.config.max_staleness) is not None
 
     def version_payload(self, version: int) -> dict:
         return {"version": version, "adapter": adapter_name(version),

@@ -134,10 +134,16 @@ class VersionHistory:
                 version = self.versions[version].parent
             return chain
 
-    def staleness(self, version: int) -> int | None:
-        """How many publishes ago ``version`` was current on this lineage; None if not on it."""
-        chain = self.lineage()
-        return chain.index(version) if version in chain else None
+    def staleness(self, version: int, limit: int | None = None) -> int | None:
+        """How many publishes ago ``version`` was current on this lineage; None if not on it
+        (or, with ``limit``, not within ``limit`` publishes: the walk stops there)."""
+        with self.lock:
+            steps, current = 0, self.current
+            while current is not None and current in self.versions and (limit is None or steps <= limit):
+                if current == version:
+                    return steps
+                steps, current = steps + 1, self.versions[current].parent
+            return None
 
     # --- changes ----------------------------------------------------------------------------
 
