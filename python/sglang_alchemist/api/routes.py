@@ -127,6 +127,7 @@ class AlchemistApi:
         self._tasks: set = set()
         self._template_words: set[str] | None = None
         self._learnt: dict[str, Learnt] = {}  # feedback id -> its prompt, as scope decisions read it
+        self._events_lock: asyncio.Lock | None = None
 
     # --- the served version's scope ---------------------------------------------------------
 
@@ -134,7 +135,7 @@ class AlchemistApi:
         """The prompts of the feedback trained into ``lineage``'s versions (None: no scope).
 
         Built from the journal, which marks feedback trained before a version is announced, so a
-        restart, a rollback and every replica of a cluster build the same scope for a version.
+        restart and a rollback build the same scope for a version.
         """
         if self.config.adapter_scope == "all" or self.config.cluster_size > 1:
             return None  # a replica's journal holds only its own feedback: a cluster serves the adapter to all
@@ -231,8 +232,13 @@ class AlchemistApi:
             task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, version: int, path: str | None, lineage: list[int]) -> None:
+        # one announced version after the other, in the order announced (an asyncio lock is FIFO):
+        # building a scope takes a thread hop, and a later version must not be overtaken
+        if self._events_lock is None:
+            self._events_lock = asyncio.Lock()
         try:
-            await self.serve(version, path, lineage)
+            async with self._events_lock:
+                await self.serve(version, path, lineage)
         except Exception:
             logger.exception("sglang_alchemist: could not serve adapter version %d", version)
 
