@@ -114,7 +114,7 @@ def timed(path: str, model, adapter, peft, prompt, target, record) -> tuple[floa
         else:
             result = run_to_completion(sample_step(model, adapter, Example(
                 prompt, target, activations=record if path == "replay" else None), 1.0 / len(target)))
-            held = record.nbytes if path == "replay" else result.peak_filled_bytes
+            held = (record.nbytes if path == "replay" else 0) + result.peak_filled_bytes  # filled rows: target rows too
     sync(device)
     seconds = time.perf_counter() - started
     cuda_peak = torch.cuda.max_memory_allocated(device) - baseline if device.type == "cuda" else None

@@ -113,7 +113,7 @@ def test_training_progresses_while_requests_are_served_back_to_back(server):
     assert controller["decode_steps"] > before["scheduler"]["decode_steps"]
     # the cost model learned every kind of slice it ran, and reports how well it predicts them
     model = controller["cost_model"]
-    for kind in ("prompt_forward", "target_forward", "head", "target_backward", "replay_backward", "optimizer"):
+    for kind in ("prompt_forward", "target_forward", "head", "replay_backward", "optimizer"):
         assert model[kind]["slices"] > 0 and model[kind]["ms_per_row"] > 0, (kind, model)
         # a slice's error is measured against the prediction made from the slices before it
         assert (model[kind]["prediction_error"] is not None) == (model[kind]["slices"] >= 2), (kind, model)

@@ -3,28 +3,29 @@
 Read top to bottom, this is a LoRA forward and backward over ``prompt + target`` in which the
 prompt is never run forward where serving already did it:
 
-1. Forward, layer by layer.
-   - **Prompt rows.** Rows with a record (recorded by serving, see ``memory/``) cost nothing:
-     their keys/values are read from the record. Rows without one - never recorded, evicted,
-     the earlier assistant turns of a conversation (decode records nothing), or every row when
-     the sample must be recomputed - are *filled*: a no-grad forward of just those rows
-     attending to the rows before them (``replay.fill_rows``), which produces the values serving
-     would have recorded.
-   - **Target rows** run a normal differentiable forward that attends to the prompt's
-     keys/values. Each layer's graph is kept, cut at its inputs (leaf tensors), so the backward
-     can proceed one layer at a time.
+1. Forward, layer by layer, of the rows that have no record. Prompt rows recorded by serving
+   (see ``memory/``) cost nothing: their keys/values are read from the record. Rows without
+   one are *filled*: a no-grad forward of just those rows attending to the rows before them
+   (``replay.fill_rows``), which produces the values serving would have recorded. Those are
+   prompt rows never recorded, evicted, the earlier assistant turns of a conversation (decode
+   records nothing), every prompt row when the sample must be recomputed - and always the
+   target rows, which follow the prompt as one more unrecorded run.
 2. Head: the prompt's last final hidden state predicts the first target token, the target
    rows' final hidden states the rest; the objective's loss is back-propagated to them.
-3. Backward, layer by layer in reverse: the target rows' graphs first (giving the gradient of
-   the layer below and of the prompt's keys/values), then the prompt rows by the replay
-   (``replay.replay_rows_backward``), from the record - recorded rows and filled rows alike.
+3. Backward, layer by layer in reverse: every row - recorded prompt rows, filled prompt rows
+   and target rows alike - by the replay (``replay.replay_rows_backward``) from its record.
+
+Why the target rows are filled and replayed rather than run through autograd: one replay over
+``P + T`` rows does the target rows' backward in the same large products as the prompt's
+(a separate autograd graph of the few target rows ran small, slow matrix products and kept a
+graph per layer), and the no-grad forward keeps only the record. The gradients are the same
+(the replay is the layer's exact backward for any rows whose record the current weights made).
 
 **Slices.** The function is a generator that yields after each piece of work, so the trainer
 can pause between any two of them while SGLang serves; the graph lives in the sample's state in
 between. A piece is a run of rows of one layer, sized by a :class:`SlicePlanner` (the
 scheduler's cost model) so that it fits the time training is given; with the default planner a
-piece is a whole layer. The target rows are cut into the same pieces in every layer (their
-graphs are linked across layers); prompt rows are cut afresh for each layer. LoRA gradients
+piece is a whole layer. Rows are cut afresh for each layer. LoRA gradients
 accumulate in the adapter's ``.grad``. Autograd is enabled only inside a slice, never across a
 yield (SGLang's loop runs under ``no_grad``).
 
@@ -47,12 +48,11 @@ from typing import Protocol
 import torch
 
 from sglang_alchemist.memory.records import LAYER_TENSORS, LayerTensors
-from sglang_alchemist.training.layers import decoder_layer, rms_norm
+from sglang_alchemist.training.layers import rms_norm
 from sglang_alchemist.training.lora import LoraAdapter
 from sglang_alchemist.training.model_spec import FrozenModel
 from sglang_alchemist.training.objectives import Teacher, objective_loss
 from sglang_alchemist.training.replay import (
-    backward_from,
     fill_rows,
     recompute_layer_record,
     replay_rows_backward,
@@ -69,11 +69,10 @@ from sglang_alchemist.training.tensor_parallel import (
 
 # The kinds of slice (the scheduler's cost model learns one rate per kind).
 PROMPT_FORWARD = "prompt_forward"  # filling prompt rows that have no record (no grad)
-TARGET_FORWARD = "target_forward"
+TARGET_FORWARD = "target_forward"  # filling the target rows (no grad; they attend to every prompt row)
 HEAD = "head"
-TARGET_BACKWARD = "target_backward"
-REPLAY_BACKWARD = "replay_backward"
-SLICE_KINDS = (PROMPT_FORWARD, TARGET_FORWARD, HEAD, TARGET_BACKWARD, REPLAY_BACKWARD)
+REPLAY_BACKWARD = "replay_backward"  # prompt and target rows, from their records
+SLICE_KINDS = (PROMPT_FORWARD, TARGET_FORWARD, HEAD, REPLAY_BACKWARD)
 
 
 class RecordedActivations(Protocol):
@@ -188,22 +187,13 @@ def _pieces(start: int, end: int, size: int) -> list[tuple[int, int]]:
     return [(a, min(end, a + size)) for a in range(start, end, size)]
 
 
-@dataclass
-class _TargetPiece:
-    """One run of target rows in one layer: its graph, cut at its inputs."""
-
-    start: int  # row within the target stream
-    end: int
-    stream_in: torch.Tensor  # leaf
-    out: torch.Tensor
-    k_rot: torch.Tensor  # this piece's keys/values (graph roots)
-    v: torch.Tensor
-    k_leaf: torch.Tensor  # detached copies later pieces attend to: they collect those gradients
-    v_leaf: torch.Tensor
-
-
 class _SampleState:
-    """The graph, the filled record rows and the gradients of one sample between its slices."""
+    """The filled record rows and the gradients of one sample between its slices.
+
+    Rows are the prompt's ``P`` positions followed by the target stream's ``S`` (every target
+    token but the last, which is only a label): ``N = P + S`` rows, one sequence. The stream is
+    one more unrecorded run, filled like a prompt hole and replayed with the prompt rows.
+    """
 
     def __init__(self, model: FrozenModel, adapter: LoraAdapter, example: Example, loss_scale: float,
                  hedge: HedgePolicy | None, planner: SlicePlanner, tp: TensorParallel | None = None) -> None:
@@ -214,12 +204,11 @@ class _SampleState:
         self.targets = torch.tensor(example.target_ids, device=device)
         self.num_prompt, self.num_target = len(example.prompt_ids), len(example.target_ids)
         self.stream_len = self.num_target - 1  # the last target token is only a label
-        cos, sin = model.rotary_cos_sin(torch.arange(self.num_prompt + self.stream_len))
-        self.prompt_cos, self.prompt_sin = cos[: self.num_prompt], sin[: self.num_prompt]
-        self.stream_cos, self.stream_sin = cos[self.num_prompt :], sin[self.num_prompt :]
+        self.num_rows = self.num_prompt + self.stream_len
+        self.cos, self.sin = model.rotary_cos_sin(torch.arange(self.num_rows))
         self.activations = example.activations
         recorded = self.activations.segments() if self.activations is not None else []
-        # The prompt as ordered runs: (start, end, recorded?)
+        # The rows as ordered runs: (start, end, recorded?); the stream is the last, unrecorded
         self.runs: list[tuple[int, int, bool]] = []
         position = 0
         for start, end in recorded:
@@ -229,25 +218,25 @@ class _SampleState:
             position = end
         if position < self.num_prompt:
             self.runs.append((position, self.num_prompt, False))
+        self.last_prompt_run = self.runs[-1]
+        if self.stream_len:
+            self.runs.append((self.num_prompt, self.num_rows, False))
         rows_replayed = sum(end - start for start, end in recorded)
         self.result = SampleResult(
             loss=0.0, target_tokens=self.num_target, path="replay" if rows_replayed else "recompute",
             rows_replayed=rows_replayed, rows_filled=self.num_prompt - rows_replayed,
         )
         # filled rows: the residual entering the current layer, and each layer's record rows
-        self.fill_x = {start: embed_tokens(model, self.prompt[start:end], tp) for start, end, rec in self.runs
+        self.fill_x = {start: embed_tokens(model, self._ids(start, end), tp) for start, end, rec in self.runs
                        if not rec}
         self.filled: list[dict[int, LayerTensors]] = []
         self._filled_bytes = 0
-        self.filled_final: torch.Tensor | None = None
-        # target rows: one piece partition for every layer (their graphs link across layers)
-        piece_rows = planner.rows(TARGET_BACKWARD, -1, self.stream_len, self.num_prompt + self.stream_len)
-        self.target_pieces = _pieces(0, self.stream_len, piece_rows)
-        self.stream = [embed_tokens(model, self.targets[a:b], tp) for a, b in self.target_pieces]
-        self.target_graph: list[list[_TargetPiece]] = []
-        self.prompt_kv_leaves: list[tuple[torch.Tensor, torch.Tensor] | None] = []
-        self.grad_stream: list[torch.Tensor | None] = []
-        self.grad_prompt: torch.Tensor | None = None
+        self.grad_rows: torch.Tensor | None = None  # gradient of the current layer's output residual
+
+    def _ids(self, start: int, end: int) -> torch.Tensor:
+        if start >= self.num_prompt:
+            return self.targets[start - self.num_prompt : end - self.num_prompt]
+        return self.prompt[start:end]
 
     def _note(self, info: SliceInfo) -> SliceInfo:
         self.result.slices.append(info)
@@ -262,74 +251,47 @@ class _SampleState:
         model, geometry = self.model, self.model.geometry
         weights = model.layers[layer]
         lora, scale = self._layer_lora(layer)
-        keys: list[torch.Tensor] = []  # rotated keys/values of the prompt rows, in order
+        keys: list[torch.Tensor] = []  # rotated keys/values of the rows so far, in order
         values: list[torch.Tensor] = []
         filled: dict[int, LayerTensors] = {}
         for run_start, run_end, recorded in self.runs:
             if recorded:
                 kv = self.activations.load(layer, ("k", "v"), run_start, run_end)
                 k_rot, v = rotated_keys_values(kv["k"], kv["v"], weights, geometry,
-                                               self.prompt_cos[run_start:run_end], self.prompt_sin[run_start:run_end])
+                                               self.cos[run_start:run_end], self.sin[run_start:run_end])
                 keys.append(k_rot)
                 values.append(v)
                 continue
+            kind = TARGET_FORWARD if run_start >= self.num_prompt else PROMPT_FORWARD
             x_run = self.fill_x[run_start]
             outputs, records = [], []
-            size = self.planner.rows(PROMPT_FORWARD, layer, run_end - run_start, run_end)
+            size = self.planner.rows(kind, layer, run_end - run_start, run_end)
             for start, end in _pieces(run_start, run_end, size):
                 prefix_k = torch.cat(keys) if keys else None
                 prefix_v = torch.cat(values) if values else None
                 output = fill_rows(
                     x_run[start - run_start : end - run_start], weights, geometry, lora, scale,
-                    self.prompt_cos[start:end], self.prompt_sin[start:end], prefix_k, prefix_v, self.tp,
+                    self.cos[start:end], self.sin[start:end], prefix_k, prefix_v, self.tp,
                 )
                 keys.append(output.k_rot)
                 values.append(output.v)
                 outputs.append(output.out)
                 records.append(output.intermediates)
-                yield self._note(SliceInfo(PROMPT_FORWARD, layer, end - start, end))
+                yield self._note(SliceInfo(kind, layer, end - start, end))
             filled[run_start] = _cat_records(records)
             self.fill_x[run_start] = torch.cat(outputs)
         self.filled.append(filled)
         self._filled_bytes += sum(record.nbytes for record in filled.values())
         self.result.peak_filled_bytes = max(self.result.peak_filled_bytes, self._filled_bytes)
-        if layer == geometry.num_layers - 1 and self.runs and not self.runs[-1][2]:
-            self.filled_final = self.fill_x[self.runs[-1][0]][-1:]
-        prompt_k = torch.cat(keys)
-        prompt_v = torch.cat(values)
-        if self.stream_len == 0:
-            self.target_graph.append([])
-            self.prompt_kv_leaves.append(None)
-            return
-        prefix_k = prompt_k.detach().requires_grad_()
-        prefix_v = prompt_v.detach().requires_grad_()
-        self.prompt_kv_leaves.append((prefix_k, prefix_v))
-        pieces: list[_TargetPiece] = []
-        for index, (start, end) in enumerate(self.target_pieces):
-            with torch.enable_grad():
-                stream_in = self.stream[index].detach().requires_grad_(layer > 0)
-                keys_before = torch.cat([prefix_k, *[p.k_leaf for p in pieces]]) if pieces else prefix_k
-                values_before = torch.cat([prefix_v, *[p.v_leaf for p in pieces]]) if pieces else prefix_v
-                output = decoder_layer(
-                    stream_in, weights, geometry, lora, scale, self.stream_cos[start:end],
-                    self.stream_sin[start:end], keys_before, values_before, tp=self.tp,
-                )
-            pieces.append(_TargetPiece(
-                start, end, stream_in, output.out, output.k_rot, output.v,
-                output.k_rot.detach().requires_grad_(), output.v.detach().requires_grad_(),
-            ))
-            self.stream[index] = output.out
-            yield self._note(SliceInfo(TARGET_FORWARD, layer, end - start, self.num_prompt + end))
-        self.target_graph.append(pieces)
 
     # ---- 2. head -----------------------------------------------------------------------------
 
     def head(self) -> Generator[SliceInfo, None, None]:
         model, geometry = self.model, self.model.geometry
-        recorded_last = self.runs[-1][2]
-        last = self.activations.final_hidden() if recorded_last else self.filled_final
-        rows = [last, *self.stream]  # hidden states predicting targets[0], targets[1:]
-        leaves = [row.detach().requires_grad_() for row in rows]
+        last_start, _, recorded_last = self.last_prompt_run
+        last = self.activations.final_hidden() if recorded_last else self.fill_x[last_start][-1:]
+        rows = [last] + ([self.fill_x[self.num_prompt]] if self.stream_len else [])
+        leaves = [row.detach().requires_grad_() for row in rows]  # predicting targets[0], targets[1:]
         size = self.planner.rows(HEAD, geometry.num_layers, self.num_target, self.num_target)
         total_loss = 0.0
         for start, end in _pieces(0, self.num_target, size):
@@ -353,53 +315,39 @@ class _SampleState:
             total_loss += float(loss.detach())
             yield self._note(SliceInfo(HEAD, geometry.num_layers, end - start, 0))
         self.result.loss = total_loss
-        self.grad_stream = [leaf.grad for leaf in leaves[1:]]
-        self.grad_prompt = torch.zeros(self.num_prompt, geometry.hidden_size, dtype=model.dtype, device=model.device)
-        self.grad_prompt[-1:] = leaves[0].grad
+        self.grad_rows = torch.zeros(self.num_rows, geometry.hidden_size, dtype=model.dtype, device=model.device)
+        self.grad_rows[self.num_prompt - 1 : self.num_prompt] = leaves[0].grad
+        if self.stream_len:
+            self.grad_rows[self.num_prompt:] = leaves[1].grad
+        self.fill_x = {}  # the last layer's outputs: read by the head only
 
     # ---- 3. backward -----------------------------------------------------------------------
 
     def backward_layer(self, layer: int) -> Generator[SliceInfo, None, None]:
         model, geometry = self.model, self.model.geometry
-        kv_shape = (self.num_prompt, geometry.num_kv_heads, geometry.head_dim)
-        leaves = self.prompt_kv_leaves[layer]
-        pieces = self.target_graph[layer]
-        for index in reversed(range(len(pieces))):
-            piece = pieces[index]
-            with torch.enable_grad():
-                backward_from([(piece.out, self.grad_stream[index]), (piece.k_rot, piece.k_leaf.grad),
-                               (piece.v, piece.v_leaf.grad)])
-            self.grad_stream[index] = piece.stream_in.grad
-            yield self._note(SliceInfo(TARGET_BACKWARD, layer, piece.end - piece.start,
-                                       self.num_prompt + piece.end))
-        self.target_graph[layer] = []  # free this layer's graph
-        grad_k = leaves[0].grad if leaves is not None and leaves[0].grad is not None else None
-        grad_v = leaves[1].grad if leaves is not None and leaves[1].grad is not None else None
-        self.prompt_kv_leaves[layer] = None
-        grad_k = torch.zeros(kv_shape, dtype=model.dtype, device=model.device) if grad_k is None else grad_k.clone()
-        grad_v = torch.zeros(kv_shape, dtype=model.dtype, device=model.device) if grad_v is None else grad_v.clone()
-
+        kv_shape = (self.num_rows, geometry.num_kv_heads, geometry.head_dim)
+        grad_k = torch.zeros(kv_shape, dtype=model.dtype, device=model.device)
+        grad_v = torch.zeros(kv_shape, dtype=model.dtype, device=model.device)
         record = self._layer_record(layer)
         weights = model.layers[layer]
         lora, scale = self._layer_lora(layer)
-        cos, sin = self.prompt_cos, self.prompt_sin
-        k_rot, v = rotated_keys_values(record.k, record.v, weights, geometry, cos, sin)
-        grad_below = torch.empty_like(self.grad_prompt) if layer > 0 else None
-        size = self.planner.rows(REPLAY_BACKWARD, layer, self.num_prompt, self.num_prompt)
-        for start, end in reversed(_pieces(0, self.num_prompt, size)):
+        k_rot, v = rotated_keys_values(record.k, record.v, weights, geometry, self.cos, self.sin)
+        grad_below = torch.empty_like(self.grad_rows) if layer > 0 else None
+        size = self.planner.rows(REPLAY_BACKWARD, layer, self.num_rows, self.num_rows)
+        for start, end in reversed(_pieces(0, self.num_rows, size)):
             grad_x = replay_rows_backward(
-                record, start, end, weights, geometry, lora, scale, cos, sin, k_rot, v,
-                self.grad_prompt[start:end], grad_k, grad_v, need_input_grad=layer > 0, tp=self.tp,
+                record, start, end, weights, geometry, lora, scale, self.cos, self.sin, k_rot, v,
+                self.grad_rows[start:end], grad_k, grad_v, need_input_grad=layer > 0, tp=self.tp,
             )
             if grad_below is not None:
                 grad_below[start:end] = grad_x
             yield self._note(SliceInfo(REPLAY_BACKWARD, layer, end - start, end))
-        self.grad_prompt = grad_below
+        self.grad_rows = grad_below
         self._filled_bytes -= sum(record.nbytes for record in self.filled[layer].values())
         self.filled[layer] = {}
 
     def _layer_record(self, layer: int) -> LayerTensors:
-        """All prompt rows of one layer's record: recorded rows (reloaded or recomputed) and filled."""
+        """All rows of one layer's record: recorded rows (reloaded or recomputed) and filled."""
         activations, filled = self.activations, self.filled[layer]
         recorded = [(start, end) for start, end, rec in self.runs if rec]
         if recorded and layer > 0:
@@ -414,7 +362,7 @@ class _SampleState:
                            for s, e, rec in self.runs])
             lora, scale = self._layer_lora(layer)
             return recompute_layer_record(x, self.model.layers[layer], self.model.geometry, lora, scale,
-                                          self.prompt_cos, self.prompt_sin, self.tp)
+                                          self.cos, self.sin, self.tp)
         if recorded and not activations.on_device(layer):
             self.result.layers_reloaded += 1
         parts = [LayerTensors.from_dict(activations.load(layer, LAYER_TENSORS, s, e)) if rec else filled[s]
