@@ -99,11 +99,12 @@ def summary() -> str:
     if saving:
         def even(row: dict) -> str:
             rate = row.get("break_even_feedback_rate")
-            return "never" if rate is None else f"{rate:.0%}"
+            return "never" if rate is None else f"{rate:.1%}" if rate < 0.1 else f"{rate:.0%}"
         cells = "; ".join(f"{row['mix']}: {row['rates']['10%']['saving_share']:+.0%} (break-even {even(row)})"
                           for row in saving["mixes"])
-        free = (" (recording's cost was below the run's noise, counted as 0)"
-                if saving["extra_prefill_seconds_per_prompt_token"] <= 0 else "")
+        free = (" (recording's measured cost was below its bytes' copy time, which is charged instead)"
+                if saving["extra_prefill_seconds_per_prompt_token"] < saving.get("copy_seconds_per_prompt_token", 0.0)
+                else "")
         lines.append(f"| net saving at 10% feedback (ours only) | - | {cells} | engine seconds per trained "
                      "feedback, recording of every request included, vs a separate PEFT trainer; break-even: "
                      f"the feedback rate above which recording pays{free} |")
