@@ -90,7 +90,9 @@ def wait_idle_at(server, version: int | None, timeout_s: float = 120) -> dict:
     while time.monotonic() < deadline:
         status = admin_get(server, "/v1/alchemist/status")
         training = status["schedulers"][0]["training"]
-        idle = training["queue_depth"] == 0 and not training["step_in_progress"]
+        # the journal too: an accepted feedback can be on its way to the trainer, in no queue yet
+        idle = training["queue_depth"] == 0 and not training["step_in_progress"] and \
+            status["schedulers"][0]["journal"]["queued"] == 0
         published = status["serving"]["served_version"] == status["schedulers"][0]["versions"]["current"]
         if idle and published and version in (None, status["serving"]["served_version"]):
             return status

@@ -38,6 +38,9 @@ def server(launch_server, qwen3_dir, tmp_path_factory):
     args = tiny_server_args(
         qwen3_dir, tmp_path_factory.mktemp("state"), "--alchemist-debug-endpoints",
         "--alchemist-lr", "0.02", "--alchemist-lora-rank", "4",
+        # the second question is about another subject: with the default scope the base model would
+        # serve it, and its record (made without the adapter) would replay as a stale one
+        "--alchemist-adapter-scope", "all",
     )
     server = launch_server(args, name="qwen3")
     yield server
