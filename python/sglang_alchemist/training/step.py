@@ -22,11 +22,11 @@ graph per layer), and the no-grad forward keeps only the record. The gradients a
 (the replay is the layer's exact backward for any rows whose record the current weights made).
 
 **Slices.** The function is a generator that yields after each piece of work, so the trainer
-can pause between any two of them while SGLang serves; the graph lives in the sample's state in
-between. A piece is a run of rows of one layer, sized by a :class:`SlicePlanner` (the
-scheduler's cost model) so that it fits the time training is given; with the default planner a
-piece is a whole layer. Rows are cut afresh for each layer. LoRA gradients
-accumulate in the adapter's ``.grad``. Autograd is enabled only inside a slice, never across a
+can pause between any two of them while SGLang serves; the filled records and the gradients
+live in the sample's state in between (no autograd graph outlives a slice). A piece is a run of
+rows of one layer, sized by a :class:`SlicePlanner` (the scheduler's cost model) so that it fits
+the time training is given; with the default planner a piece is a whole layer. Rows are cut
+afresh for each layer. LoRA gradients accumulate in the adapter's ``.grad``. Autograd is enabled only inside a slice, never across a
 yield (SGLang's loop runs under ``no_grad``).
 
 Every cut gives the same gradients: the forward of a piece attends to all keys before it, and
