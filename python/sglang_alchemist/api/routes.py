@@ -227,7 +227,7 @@ class AlchemistApi:
 
         if payload.get("event") == "version_published":
             task = asyncio.get_running_loop().create_task(
-                self._serve(payload["version"], payload["path"], payload.get("lineage") or [payload["version"]]))
+                self._serve(payload["version"], payload["path"], payload["lineage"]))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
@@ -247,15 +247,8 @@ class AlchemistApi:
         replies = await call_schedulers("versions")
         if isinstance(replies, ORJSONResponse):
             raise RuntimeError(replies.body.decode())
-        current = replies[0]["servable"]  # not "current": that one may not be marked trained yet
-        path = None
-        if current:
-            path = str(next(v for v in replies[0]["versions"] if v["version"] == current)["path"])
-        parents = {v["version"]: v["parent"] for v in replies[0]["versions"]}
-        lineage, version = [], current
-        while version is not None and version in parents and version not in lineage:
-            lineage.append(version)
-            version = parents[version]
+        reply = replies[0]  # "servable", not "current": that one may not be marked trained yet
+        current, path, lineage = reply["servable"], reply["servable_path"], reply["servable_lineage"]
         await self.serve(current, path, lineage)
         return self.router.status()
 
@@ -323,7 +316,7 @@ class AlchemistApi:
             replies = await call_schedulers("rollback", {"version": version})
             if isinstance(replies, ORJSONResponse):
                 return replies
-            await api.serve(version, replies[0]["path"], replies[0].get("lineage") or [version])
+            await api.serve(version, replies[0]["path"], replies[0]["lineage"])
             return {"object": "alchemist.rollback", "version": version, **api.router.status()}
 
         @app.post("/v1/alchemist/pause")

@@ -107,8 +107,11 @@ class ControlOps:
 
     def versions(self, payload: dict[str, Any]) -> dict[str, Any]:
         # ``servable``: what the HTTP process may serve after a restart (a version written but not
-        # yet marked in the journal, e.g. while another process locks it, is not)
-        return {**self.runtime.history.public(), "servable": self.runtime.publisher.announced}
+        # yet marked in the journal, e.g. while another process locks it, is not), with its
+        # checkpoint and lineage (whose feedback its scope covers)
+        servable = self.runtime.version_payload(self.runtime.publisher.announced)
+        return {**self.runtime.history.public(), "servable": servable["version"],
+                "servable_path": servable["path"], "servable_lineage": servable["lineage"]}
 
     def rollback(self, payload: dict[str, Any]) -> Deferred:
         runtime = self.runtime
