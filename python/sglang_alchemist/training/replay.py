@@ -86,9 +86,9 @@ class _ReplayedLinear(torch.autograd.Function):
     def backward(ctx, *grads):
         grad_x = None
         for grad, rows in zip(grads, ctx.weight_rows, strict=True):
-            if grad is not None:
-                part = grad.to(rows.dtype) @ rows
-                grad_x = part if grad_x is None else grad_x.add_(part)
+            if grad is not None:  # accumulate in place: no second [rows, in] tensor, no extra pass
+                grad = grad.to(rows.dtype)
+                grad_x = grad @ rows if grad_x is None else grad_x.addmm_(grad, rows)
         return (grad_x, None, *([None] * len(grads)))
 
 
@@ -111,7 +111,9 @@ class _ReplayedLoraUp(torch.autograd.Function):
     rather than as ``delta - delta.detach()`` because that form materialises four
     [rows, out] tensors per projection (the delta, its scaled copy, the difference and the sum)
     that the replay never reads: memory passes and a [rows, r] x [r, out] product per projection
-    (docs/NOTES.md, "The replay", "Profile"). Only [rows, r] and [out, r] are computed.
+    (docs/NOTES.md, "The replay", "Profile"). Only [rows, r] and [out, r] are computed, each as
+    the transpose of a product whose *first* operand has the rank's ``r`` rows (:class:`_LoraDown`
+    says why).
     """
 
     @staticmethod
@@ -125,10 +127,35 @@ class _ReplayedLoraUp(torch.autograd.Function):
         u, b = ctx.saved_tensors
         grad_u = grad_b = None
         if ctx.needs_input_grad[1]:
-            grad_u = (grad.to(b.dtype) @ b).mul_(ctx.scale).to(u.dtype)
+            grad_u = (b.t().to(grad.dtype) @ grad.t()).t().mul_(ctx.scale).to(u.dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = (grad.t().to(u.dtype) @ u).mul_(ctx.scale).to(b.dtype)
+            grad_b = (u.t().to(grad.dtype) @ grad).t().mul_(ctx.scale).to(b.dtype)
         return grad, grad_u, grad_b, None
+
+
+class _LoraDown(torch.autograd.Function):
+    """``u = x A^T`` ([rows, r]) with its backward, computed with ``r`` as the products' first dim.
+
+    The rank-r products are memory-bound; on CPU the [r, rows] x [rows, n] form runs 2.5-4x
+    faster than the [n, rows] x [rows, r] one autograd would pick for ``A``'s gradient (measured
+    with 575 rows, n = 576 / 1536, 2 threads; docs/NOTES.md, "Profile"). ``u`` is returned as the
+    transpose of ``A x^T`` for the same reason.
+    """
+
+    @staticmethod
+    def forward(ctx, x, a):
+        ctx.save_for_backward(x, a)
+        return (a.to(x.dtype) @ x.t()).t()
+
+    @staticmethod
+    def backward(ctx, grad_u):
+        x, a = ctx.saved_tensors
+        grad_x = grad_a = None
+        if ctx.needs_input_grad[0]:
+            grad_x = grad_u.to(x.dtype) @ a.to(x.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_a = (grad_u.t().to(x.dtype) @ x).to(a.dtype)
+        return grad_x, grad_a
 
 
 def _plus_lora(
@@ -137,14 +164,14 @@ def _plus_lora(
     """Add the LoRA path's gradient without changing the recorded value (see module doc).
 
     ``row_tp``: a row-parallel projection under tensor parallelism (its A-partial is all-reduced).
-    The down-projection ``u = x A^T`` is ordinary autograd (it is [rows, r]: cheap, and the
+    The down-projection ``u = x A^T`` is :class:`_LoraDown` (``A`` enters as an input, so the
     tensor-parallel wrappers of ``A`` stay in the graph); the up-projection is
     :class:`_ReplayedLoraUp`.
     """
     if pair is None:
         return replayed
     a, b = pair
-    u = x @ a.to(x.dtype).t()
+    u = _LoraDown.apply(x, a)
     if active_tp(row_tp) is not None:
         u = reduce_from_tp(u, row_tp)
     return _ReplayedLoraUp.apply(replayed, u, b, scale)
@@ -162,8 +189,8 @@ def _plus_lora_shared(
     live = [index for index, pair in enumerate(pairs) if pair is not None]
     if len(live) < 2:
         return tuple(_plus_lora(value, x, pair, scale) for value, pair in zip(replayed, pairs, strict=True))
-    stacked = torch.cat([pairs[index][0].to(x.dtype) for index in live])
-    u_all = torch.split(x @ stacked.t(), [pairs[index][0].shape[0] for index in live], dim=-1)
+    stacked = torch.cat([pairs[index][0] for index in live])
+    u_all = torch.split(_LoraDown.apply(x, stacked), [pairs[index][0].shape[0] for index in live], dim=-1)
     outputs = list(replayed)
     for index, u in zip(live, u_all, strict=True):
         outputs[index] = _ReplayedLoraUp.apply(replayed[index], u, pairs[index][1], scale)
@@ -188,8 +215,13 @@ def attention_backward(
     q: [c, H, D] rotated queries at positions ``query_offset .. query_offset + c``; k, v:
     [query_offset + c, G, D] (k rotated) at positions 0..; out, grad_out: [c, H*D]. Returns
     dq [c, H, D] and dk, dv [query_offset + c, G, D]. The heads sharing a key/value head are
-    batched together (no repeated keys are materialised); the softmax is recomputed per block of
-    queries from q and k, and ``D_i = sum(dO_i * O_i)`` uses the recorded output.
+    stacked into one product (no repeated keys are materialised); the softmax is recomputed per
+    block of queries from q and k, and ``D_i = sum(dO_i * O_i)`` uses the recorded output.
+
+    One key/value head at a time, with 2-D products: a batched product over the G heads splits
+    its batch between threads (3 heads on 2 threads: one idles a third of the time), a 2-D one
+    splits its rows, and a [n*block, keys] score tile of one head stays in a core's cache for the
+    softmax and the elementwise passes (18 -> 13 ms for 575 rows of SmolLM2, CPU, 2 threads).
     """
     rows, heads, head_dim = q.shape
     kv_heads = k.shape[1]
@@ -202,29 +234,31 @@ def attention_backward(
     q_g = (q.to(compute) * scale).view(rows, kv_heads, per_group, head_dim).permute(1, 2, 0, 3)
     out_g = out.to(compute).view(rows, kv_heads, per_group, head_dim).permute(1, 2, 0, 3)
     grad_out_g = grad_out.to(compute).view(rows, kv_heads, per_group, head_dim).permute(1, 2, 0, 3)
-    k_g = k.to(compute).transpose(0, 1)  # [G, keys, D]
-    v_g = v.to(compute).transpose(0, 1)
+    k_g = k.to(compute).transpose(0, 1).contiguous()  # [G, keys, D]
+    v_g = v.to(compute).transpose(0, 1).contiguous()
     row_dot = (grad_out_g * out_g).sum(-1, keepdim=True)  # [G, n, c, 1]
     grad_q = torch.empty_like(q_g)
     grad_k = torch.zeros_like(k_g)
     grad_v = torch.zeros_like(v_g)
     # Only a block's last `block` keys can lie after one of its queries: the mask touches those.
     hidden = torch.ones(query_block, query_block, dtype=torch.bool, device=q.device).triu_(1)
-    for start in range(0, rows, query_block):
-        end = min(rows, start + query_block)
-        block = end - start
-        visible = query_offset + end  # keys 0 .. visible-1 can be seen by some query of the block
-        q_block = q_g[:, :, start:end].reshape(kv_heads, per_group * block, head_dim)
-        grad_block = grad_out_g[:, :, start:end].reshape(kv_heads, per_group * block, head_dim)
-        scores = q_block @ k_g[:, :visible].transpose(1, 2)  # [G, n*block, visible], scaled
-        scores.view(kv_heads, per_group, block, visible)[..., visible - block:].masked_fill_(
-            hidden[:block, :block], float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        grad_v[:, :visible] += probs.transpose(1, 2) @ grad_block
-        grad_probs = grad_block @ v_g[:, :visible].transpose(1, 2)
-        grad_scores = probs.mul_(grad_probs.sub_(row_dot[:, :, start:end].reshape(kv_heads, per_group * block, 1)))
-        grad_q[:, :, start:end] = (grad_scores @ k_g[:, :visible]).view(kv_heads, per_group, block, head_dim)
-        grad_k[:, :visible] += grad_scores.transpose(1, 2) @ q_block  # q_block carries the scale
+    for group in range(kv_heads):
+        keys, values = k_g[group], v_g[group]
+        for start in range(0, rows, query_block):
+            end = min(rows, start + query_block)
+            block = end - start
+            visible = query_offset + end  # keys 0 .. visible-1 can be seen by some query of the block
+            q_block = q_g[group, :, start:end].reshape(per_group * block, head_dim)
+            grad_block = grad_out_g[group, :, start:end].reshape(per_group * block, head_dim)
+            scores = q_block @ keys[:visible].t()  # [n*block, visible], scaled
+            scores.view(per_group, block, visible)[..., visible - block:].masked_fill_(
+                hidden[:block, :block], float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            grad_v[group, :visible].addmm_(probs.t(), grad_block)  # in place: no temporary
+            grad_probs = grad_block @ values[:visible].t()
+            grad_scores = probs.mul_(grad_probs.sub_(row_dot[group, :, start:end].reshape(per_group * block, 1)))
+            grad_q[group, :, start:end] = (grad_scores @ keys[:visible]).view(per_group, block, head_dim)
+            grad_k[group, :visible].addmm_(grad_scores.t(), q_block)  # q_block carries the scale
     grad_q.mul_(scale)
     return (
         grad_q.permute(2, 0, 1, 3).reshape(rows, heads, head_dim).to(q.dtype),
