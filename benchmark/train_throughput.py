@@ -252,7 +252,7 @@ def main() -> None:
     parser.add_argument("--model-path", default=str(smollm2.default_model_dir()))
     parser.add_argument("--sharegpt-samples", type=int, default=8)
     parser.add_argument("--heavy-samples", type=int, default=3)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--budget-mb", type=float, default=BUDGET_MB)
     parser.add_argument("--fit-lengths", default="256,512,1024,2048")
     parser.add_argument("--mixes", default="ShareGPT,1024:32,512:64,256:256,108:140")

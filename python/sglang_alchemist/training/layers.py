@@ -105,14 +105,36 @@ def row_parallel_linear(
     return y if delta is None else y + delta
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+class _RoPE(torch.autograd.Function):
+    """Rotate-half RoPE (transformers' ``apply_rotary_pos_emb``) with its backward written out.
+
+    The backward of a rotation is the rotation the other way: ``g * cos + rotate_half^T(g * sin)``.
+    Three passes each way instead of autograd's five forward (mul, neg, cat, mul, add) and six
+    backward, and no [tokens, heads, head_dim] copies kept for the backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        half = x.shape[-1] // 2
+        out = x * cos  # rotate_half(x) = cat(-x2, x1): each half takes the other's product with sin
+        out[..., :half].addcmul_(x[..., half:], sin[..., :half], value=-1.0)
+        out[..., half:].addcmul_(x[..., :half], sin[..., half:])
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        half = grad.shape[-1] // 2
+        out = grad * cos
+        out[..., half:].addcmul_(grad[..., :half], sin[..., :half], value=-1.0)
+        out[..., :half].addcmul_(grad[..., half:], sin[..., half:])
+        return out, None, None
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [tokens, heads, head_dim]; cos/sin: [tokens, head_dim]."""
-    return x * cos[:, None, :] + rotate_half(x) * sin[:, None, :]
+    return _RoPE.apply(x, cos[:, None, :], sin[:, None, :])
 
 
 def attention(
