@@ -7,8 +7,8 @@ forward *returns the recorded output* and whose backward is the op's real backwa
 - ``_ReplayedLinear`` (frozen projection ``y = x W^T``): forward returns the record,
   backward ``dx = dy W``. The LoRA part is added by ``_ReplayedLoraUp``: zero in value (the
   output stays exactly the record, which already contains the served adapter's contribution)
-  while its backward is the LoRA path's, giving the LoRA gradients and their share of ``dx``.
-  Only the rank-r products are computed, so it is cheap.
+  while its backward is the LoRA path's, giving the LoRA gradients and their share of ``dx``
+  (with ``_LoraDown``, the ``x A^T`` it starts from). Only the rank-r products are computed.
 - ``_ReplayedSum`` (residual adds): forward returns the recorded sum; backward passes ``dy`` to
   both inputs.
 - The prompt's self-attention is not an autograd op at all: :func:`attention_backward` is its
@@ -16,7 +16,8 @@ forward *returns the recorded output* and whose backward is the op's real backwa
   softmax from recorded q and k one block of queries at a time (no log-sum-exp is needed).
 
 Cheap elementwise ops (RMSNorm, RoPE, Qwen3's q/k norms, SiLU·up) are recomputed from
-recorded inputs by ordinary autograd.
+recorded inputs and differentiated by autograd (RMSNorm and RoPE through the written-out
+backwards of ``layers``).
 
 **Rows.** :func:`replay_rows_backward` back-propagates the rows ``[a, b)`` of a prompt layer,
 so a layer's backward can be cut into slices that fit between serving batches. Processed from
