@@ -42,8 +42,8 @@ class _RMSNorm(torch.autograd.Function):
     transformers' numerics (statistics in fp32, weight applied in the input dtype). Autograd of
     the plain expression runs about ten passes over ``x`` and keeps four tensors of its size; this
     keeps ``x`` and the per-row ``rstd`` and runs four passes each way: 1.6 -> 0.6 ms forward +
-    backward on [575, 576] fp32 (CPU, 2 threads; docs/NOTES.md, "Profile"). The replay runs two per
-    layer.
+    backward on [575, 576] fp32 (CPU, 2 threads; docs/NOTES.md, "Replay kernels, third pass"). The
+    replay runs two per layer.
     """
 
     @staticmethod

@@ -128,9 +128,9 @@ class _ReplayedLoraUp(torch.autograd.Function):
         u, b = ctx.saved_tensors
         grad_u = grad_b = None
         if ctx.needs_input_grad[1]:
-            grad_u = (b.t().to(grad.dtype) @ grad.t()).t().mul_(ctx.scale).to(u.dtype)
+            grad_u = (b.t() @ grad.to(b.dtype).t()).t().mul_(ctx.scale).to(u.dtype)
         if ctx.needs_input_grad[2]:
-            grad_b = (u.t().to(grad.dtype) @ grad).t().mul_(ctx.scale).to(b.dtype)
+            grad_b = (u.t() @ grad.to(u.dtype)).t().mul_(ctx.scale).to(b.dtype)
         return grad, grad_u, grad_b, None
 
 
@@ -139,7 +139,7 @@ class _LoraDown(torch.autograd.Function):
 
     The rank-r products are memory-bound; on CPU the [r, rows] x [rows, n] form runs 2.5-4x
     faster than the [n, rows] x [rows, r] one autograd would pick for ``A``'s gradient (measured
-    with 575 rows, n = 576 / 1536, 2 threads; docs/NOTES.md, "Profile"). ``u`` is returned as the
+    with 575 rows, n = 576 / 1536, 2 threads; docs/NOTES.md, "Replay kernels, third pass"). ``u`` is returned as the
     transpose of ``A x^T`` for the same reason.
     """
 
