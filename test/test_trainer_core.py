@@ -24,7 +24,7 @@ from sglang_alchemist.training.model_spec import (
 )
 from sglang_alchemist.training.objectives import unlikelihood_loss
 from sglang_alchemist.training.reference import record_prompt
-from sglang_alchemist.training.step import Example, run_to_completion, sample_step
+from sglang_alchemist.training.step import REPLAY_KEYS, Example, run_to_completion, sample_step
 
 TOLERANCE = 1e-4
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=LORA_MODULES)
@@ -169,7 +169,8 @@ def test_slices_leave_the_callers_grad_mode_alone_between_yields(setup):
         for _ in generator:
             slices += 1
             assert not torch.is_grad_enabled()  # serving between two slices sees its own mode
-    assert slices == 2 * model.geometry.num_layers + 1  # per layer: target forward, replay backward; the head
+    # per layer: target forward, replay backward; the head; the last layer's key-only prompt rows
+    assert slices == 2 * model.geometry.num_layers + 1 + 1
     ours = adapter.peft_grad_dict()
     assert_close_per_tensor(ours, reference_gradients(peft, [(PROMPT, TARGET)]))
 
@@ -208,6 +209,10 @@ def test_slices_cut_by_rows_give_the_same_gradients(setup, replay, rows):
         result = run_to_completion(sample_step(model, adapter, Example(PROMPT, TARGET, activations=activations),
                                                1.0 / len(TARGET), planner=_Rows(rows)))
     assert max(info.rows for info in result.slices) <= rows
+    # the last layer's prompt rows but the last feed nothing trained: only their keys/values are back-propagated
+    keys_only = [info for info in result.slices if info.kind == REPLAY_KEYS]
+    assert {info.layer for info in keys_only} == {model.geometry.num_layers - 1}
+    assert sum(info.rows for info in keys_only) == len(PROMPT) - 1
     assert_close_per_tensor(adapter.peft_grad_dict(), reference_gradients(peft, [(PROMPT, TARGET)]))
 
 

@@ -347,6 +347,46 @@ def replay_rows_backward(
     return x.grad if need_input_grad else None
 
 
+def replay_key_rows_backward(
+    record: LayerTensors,
+    start: int,
+    end: int,
+    weights: LayerWeights,
+    geometry: ModelGeometry,
+    lora: dict[str, LoraPair],
+    scale: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    grad_k: torch.Tensor,
+    grad_v: torch.Tensor,
+    need_input_grad: bool,
+    tp: TensorParallel | None = None,
+) -> torch.Tensor | None:
+    """:func:`replay_rows_backward` for rows whose outputs carry no gradient: only their keys do.
+
+    The last layer's prompt rows before the last one are read by nothing that is trained: the
+    head reads the last prompt row and the target rows only. Their output gradient is exactly
+    zero, so steps 1 and 2 (post-attention half, attention of their queries) would add zeros;
+    what remains is the gradient their keys and values received from later queries (complete in
+    ``grad_k``/``grad_v`` once the rows after ``end`` were replayed), back through RoPE, the k/v
+    projections and the input norm. About a fifth of a layer's backward for those rows.
+    """
+    eps = geometry.rms_norm_eps
+    span = slice(start, end)
+    tp = active_tp(tp)
+    with torch.enable_grad():
+        lora = graph_lora(lora, tp, geometry)
+        x = record.x[span].detach().requires_grad_(need_input_grad)
+        xn = copy_to_tp(rms_norm(x, weights.input_norm, eps), tp)
+        kv_weight = weights.qkv[record.q.shape[-1]:]  # the rows of k then v in the fused q/k/v weight
+        k, v_rows = _ReplayedLinear.apply(xn, kv_weight, record.k[span], record.v[span])
+        k, v_rows = _plus_lora_shared((k, v_rows), xn, (lora.get("k_proj"), lora.get("v_proj")), scale)
+        k_rot_rows = rotate_k(k, weights, geometry, cos[span], sin[span])
+        v_heads = v_rows.view(end - start, geometry.num_kv_heads, geometry.head_dim)
+        backward_from([(k_rot_rows, grad_k[span]), (v_heads, grad_v[span])])
+    return x.grad if need_input_grad else None
+
+
 def backward_from(pairs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
     """One backward from the roots that carry a gradient and depend on something trainable.
 

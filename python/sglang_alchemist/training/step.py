@@ -14,6 +14,9 @@ prompt is never run forward where serving already did it:
    rows' final hidden states the rest; the objective's loss is back-propagated to them.
 3. Backward, layer by layer in reverse: every row - recorded prompt rows, filled prompt rows
    and target rows alike - by the replay (``replay.replay_rows_backward``) from its record.
+   In the last layer, the prompt rows before the last one feed nothing trained (the head reads
+   the last prompt row and the target rows): only their keys' and values' backward runs
+   (``replay.replay_key_rows_backward``; slice kind ``replay_keys``).
 
 Why the target rows are filled and replayed rather than run through autograd: one replay over
 ``P + T`` rows does the target rows' backward in the same large products as the prompt's
@@ -55,6 +58,7 @@ from sglang_alchemist.training.objectives import Teacher, objective_loss
 from sglang_alchemist.training.replay import (
     fill_rows,
     recompute_layer_record,
+    replay_key_rows_backward,
     replay_rows_backward,
     rotated_keys_values,
 )
@@ -72,7 +76,8 @@ PROMPT_FORWARD = "prompt_forward"  # filling prompt rows that have no record (no
 TARGET_FORWARD = "target_forward"  # filling the target rows (no grad; they attend to every prompt row)
 HEAD = "head"
 REPLAY_BACKWARD = "replay_backward"  # prompt and target rows, from their records
-SLICE_KINDS = (PROMPT_FORWARD, TARGET_FORWARD, HEAD, REPLAY_BACKWARD)
+REPLAY_KEYS = "replay_keys"  # last layer's prompt rows but the last: only their keys/values' backward
+SLICE_KINDS = (PROMPT_FORWARD, TARGET_FORWARD, HEAD, REPLAY_BACKWARD, REPLAY_KEYS)
 
 
 class RecordedActivations(Protocol):
@@ -232,6 +237,7 @@ class _SampleState:
         self.filled: list[dict[int, LayerTensors]] = []
         self._filled_bytes = 0
         self.grad_rows: torch.Tensor | None = None  # gradient of the current layer's output residual
+        self.live_from = 0  # rows before it have a zero ``grad_rows`` (only the last layer's, see head)
 
     def _ids(self, start: int, end: int) -> torch.Tensor:
         if start >= self.num_prompt:
@@ -319,6 +325,9 @@ class _SampleState:
         self.grad_rows[self.num_prompt - 1 : self.num_prompt] = leaves[0].grad
         if self.stream_len:
             self.grad_rows[self.num_prompt:] = leaves[1].grad
+        # The head reads the last prompt row and the target rows: the last layer's earlier rows
+        # get gradient only through their keys/values (replay_key_rows_backward)
+        self.live_from = self.num_prompt - 1
         self.fill_x = {}  # the last layer's outputs: read by the head only
 
     # ---- 3. backward -----------------------------------------------------------------------
@@ -333,8 +342,9 @@ class _SampleState:
         lora, scale = self._layer_lora(layer)
         k_rot, v = rotated_keys_values(record.k, record.v, weights, geometry, self.cos, self.sin)
         grad_below = torch.empty_like(self.grad_rows) if layer > 0 else None
-        size = self.planner.rows(REPLAY_BACKWARD, layer, self.num_rows, self.num_rows)
-        for start, end in reversed(_pieces(0, self.num_rows, size)):
+        live_from = self.live_from
+        size = self.planner.rows(REPLAY_BACKWARD, layer, self.num_rows - live_from, self.num_rows)
+        for start, end in reversed(_pieces(live_from, self.num_rows, size)):
             grad_x = replay_rows_backward(
                 record, start, end, weights, geometry, lora, scale, self.cos, self.sin, k_rot, v,
                 self.grad_rows[start:end], grad_k, grad_v, need_input_grad=layer > 0, tp=self.tp,
@@ -342,7 +352,17 @@ class _SampleState:
             if grad_below is not None:
                 grad_below[start:end] = grad_x
             yield self._note(SliceInfo(REPLAY_BACKWARD, layer, end - start, end))
-        self.grad_rows = grad_below
+        if live_from:  # rows whose output gradient is zero: their keys/values only, after every query
+            size = self.planner.rows(REPLAY_KEYS, layer, live_from, 0)
+            for start, end in reversed(_pieces(0, live_from, size)):
+                grad_x = replay_key_rows_backward(
+                    record, start, end, weights, geometry, lora, scale, self.cos, self.sin, grad_k, grad_v,
+                    need_input_grad=layer > 0, tp=self.tp,
+                )
+                if grad_below is not None:
+                    grad_below[start:end] = grad_x
+                yield self._note(SliceInfo(REPLAY_KEYS, layer, end - start, 0))
+        self.grad_rows, self.live_from = grad_below, 0
         self._filled_bytes -= sum(record.nbytes for record in self.filled[layer].values())
         self.filled[layer] = {}
 
