@@ -5,10 +5,11 @@ those values, not the computation, so each expensive op becomes an autograd func
 forward *returns the recorded output* and whose backward is the op's real backward:
 
 - ``_ReplayedLinear`` (frozen projection ``y = x W^T``): forward returns the record,
-  backward ``dx = dy W``. The LoRA part is added by ``_ReplayedLoraUp``: zero in value (the
-  output stays exactly the record, which already contains the served adapter's contribution)
-  while its backward is the LoRA path's, giving the LoRA gradients and their share of ``dx``
-  (with ``_LoraDown``, the ``x A^T`` it starts from). Only the rank-r products are computed.
+  backward ``dx = dy W``; it also forms the LoRA ``u = x A^T`` and takes ``du A`` into the same
+  ``dx``. The LoRA part is added by ``_ReplayedLoraUp``: zero in value (the output stays
+  exactly the record, which already contains the served adapter's contribution) while its
+  backward is the LoRA path's, giving the LoRA gradients and their share of ``dx``. Only the
+  rank-r products are computed (:func:`_replayed_projections` puts the two together).
 - ``_ReplayedSum`` (residual adds): forward returns the recorded sum; backward passes ``dy`` to
   both inputs.
 - The prompt's self-attention is not an autograd op at all: :func:`attention_backward` is its
@@ -75,22 +76,43 @@ class _ReplayedLinear(torch.autograd.Function):
 
     One product per output slice rather than one product with concatenated gradients: the
     same arithmetic without copying the (large) gradients into one tensor.
+
+    With ``a`` (the LoRA A of these projections, stacked), one more output ``u = x A^T``
+    ([rows, r]), whose share of ``dx`` (``du A``) is accumulated into the same tensor as the
+    base products' (no [rows, in] product and sum of its own), and ``dA = du^T x``. The rank-r
+    products run with ``r`` as their first dim: the memory-bound [r, rows] x [rows, n] form is
+    2.5-4x faster on CPU than the [n, rows] x [rows, r] one autograd would pick for ``dA``
+    (575 rows, n = 576 / 1536, 2 threads; docs/NOTES.md, "Replay kernels, third pass"), and
+    ``u`` is the transpose of ``A x^T`` for the same reason.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, *values):
+    def forward(ctx, x, weight, a, *values):
         ctx.weight_rows = torch.split(weight, [value.shape[-1] for value in values], dim=0)
         outputs = tuple(value.view_as(value) for value in values)
+        if a is not None:
+            ctx.save_for_backward(x, a)
+            outputs += ((a.to(x.dtype) @ x.t()).t(),)
         return outputs if len(outputs) > 1 else outputs[0]
 
     @staticmethod
     def backward(ctx, *grads):
-        grad_x = None
-        for grad, rows in zip(grads, ctx.weight_rows, strict=True):
-            if grad is not None:  # accumulate in place: no second [rows, in] tensor, no extra pass
-                grad = grad.to(rows.dtype)
-                grad_x = grad @ rows if grad_x is None else grad_x.addmm_(grad, rows)
-        return (grad_x, None, *([None] * len(grads)))
+        lora = bool(ctx.saved_tensors)
+        grad_u = grads[-1] if lora else None
+        grad_x = grad_a = None
+        if ctx.needs_input_grad[0]:
+            for grad, rows in zip(grads[: len(ctx.weight_rows)], ctx.weight_rows, strict=True):
+                if grad is not None:  # accumulate in place: no second [rows, in] tensor, no extra pass
+                    grad = grad.to(rows.dtype)
+                    grad_x = grad @ rows if grad_x is None else grad_x.addmm_(grad, rows)
+        if grad_u is not None:
+            x, a = ctx.saved_tensors
+            if ctx.needs_input_grad[0]:
+                grad_u_x = grad_u.to(x.dtype)
+                grad_x = grad_u_x @ a.to(x.dtype) if grad_x is None else grad_x.addmm_(grad_u_x, a.to(x.dtype))
+            if ctx.needs_input_grad[2]:
+                grad_a = (grad_u.t().to(x.dtype) @ x).to(a.dtype)
+        return (grad_x, None, grad_a, *([None] * (len(grads) - lora)))
 
 
 class _ReplayedSum(torch.autograd.Function):
@@ -113,7 +135,7 @@ class _ReplayedLoraUp(torch.autograd.Function):
     [rows, out] tensors per projection (the delta, its scaled copy, the difference and the sum)
     that the replay never reads: memory passes and a [rows, r] x [r, out] product per projection
     (docs/NOTES.md, "The replay", "Profile"). Only [rows, r] and [out, r] are computed, each as
-    the transpose of a product whose *first* operand has the rank's ``r`` rows (:class:`_LoraDown`
+    the transpose of a product whose *first* operand has the rank's ``r`` rows (:class:`_ReplayedLinear`
     says why).
     """
 
@@ -134,67 +156,29 @@ class _ReplayedLoraUp(torch.autograd.Function):
         return grad, grad_u, grad_b, None
 
 
-class _LoraDown(torch.autograd.Function):
-    """``u = x A^T`` ([rows, r]) with its backward, computed with ``r`` as the products' first dim.
-
-    The rank-r products are memory-bound; on CPU the [r, rows] x [rows, n] form runs 2.5-4x
-    faster than the [n, rows] x [rows, r] one autograd would pick for ``A``'s gradient (measured
-    with 575 rows, n = 576 / 1536, 2 threads; docs/NOTES.md, "Replay kernels, third pass"). ``u`` is returned as the
-    transpose of ``A x^T`` for the same reason.
-    """
-
-    @staticmethod
-    def forward(ctx, x, a):
-        ctx.save_for_backward(x, a)
-        return (a.to(x.dtype) @ x.t()).t()
-
-    @staticmethod
-    def backward(ctx, grad_u):
-        x, a = ctx.saved_tensors
-        grad_x = grad_a = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_u.to(x.dtype) @ a.to(x.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_a = (grad_u.t().to(x.dtype) @ x).to(a.dtype)
-        return grad_x, grad_a
-
-
-def _plus_lora(
-    replayed: torch.Tensor, x: torch.Tensor, pair: LoraPair | None, scale: float, row_tp: TensorParallel | None = None
-) -> torch.Tensor:
-    """Add the LoRA path's gradient without changing the recorded value (see module doc).
-
-    ``row_tp``: a row-parallel projection under tensor parallelism (its A-partial is all-reduced).
-    The down-projection ``u = x A^T`` is :class:`_LoraDown` (``A`` enters as an input, so the
-    tensor-parallel wrappers of ``A`` stay in the graph); the up-projection is
-    :class:`_ReplayedLoraUp`.
-    """
-    if pair is None:
-        return replayed
-    a, b = pair
-    u = _LoraDown.apply(x, a)
-    if active_tp(row_tp) is not None:
-        u = reduce_from_tp(u, row_tp)
-    return _ReplayedLoraUp.apply(replayed, u, b, scale)
-
-
-def _plus_lora_shared(
-    replayed: tuple[torch.Tensor, ...], x: torch.Tensor, pairs: tuple[LoraPair | None, ...], scale: float
+def _replayed_projections(
+    x: torch.Tensor, weight: torch.Tensor, values: tuple[torch.Tensor, ...], pairs: tuple[LoraPair | None, ...],
+    scale: float, row_tp: TensorParallel | None = None,
 ) -> tuple[torch.Tensor, ...]:
-    """:func:`_plus_lora` for projections of one input (q/k/v of ``xn``, gate/up of ``hn``).
+    """Replayed projections of one input (``values``: their recorded outputs, in ``weight``'s
+    row order) with their LoRA paths' gradients, the recorded values unchanged (module doc).
 
-    Their down-projections run as one product with the A matrices stacked, so the backward reads
-    ``x`` once for all their A gradients and forms their share of ``dx`` in one product (column-
-    parallel only: row-parallel projections have inputs of their own).
+    The LoRA down-projections of all of them run as one product with the A matrices stacked, so
+    the backward reads ``x`` once for their A gradients and adds their share of ``dx`` into the
+    base products' (:class:`_ReplayedLinear`). ``row_tp``: a row-parallel projection (o/down)
+    under tensor parallelism, whose A-partial ``u`` is all-reduced before B.
     """
     live = [index for index, pair in enumerate(pairs) if pair is not None]
-    if len(live) < 2:
-        return tuple(_plus_lora(value, x, pair, scale) for value, pair in zip(replayed, pairs, strict=True))
-    stacked = torch.cat([pairs[index][0] for index in live])
-    u_all = torch.split(_LoraDown.apply(x, stacked), [pairs[index][0].shape[0] for index in live], dim=-1)
-    outputs = list(replayed)
-    for index, u in zip(live, u_all, strict=True):
-        outputs[index] = _ReplayedLoraUp.apply(replayed[index], u, pairs[index][1], scale)
+    if not live:
+        outputs = _ReplayedLinear.apply(x, weight, None, *values)
+        return outputs if isinstance(outputs, tuple) else (outputs,)
+    stacked = pairs[live[0]][0] if len(live) == 1 else torch.cat([pairs[index][0] for index in live])
+    *outputs, u_all = _ReplayedLinear.apply(x, weight, stacked, *values)
+    if active_tp(row_tp) is not None:
+        u_all = reduce_from_tp(u_all, row_tp)
+    us = torch.split(u_all, [pairs[index][0].shape[0] for index in live], dim=-1)
+    for index, u in zip(live, us, strict=True):
+        outputs[index] = _ReplayedLoraUp.apply(outputs[index], u, pairs[index][1], scale)
     return tuple(outputs)
 
 
@@ -314,25 +298,25 @@ def replay_rows_backward(
         # 1. post-attention half: o_proj, residual, MLP
         x = record.x[span].detach().requires_grad_(need_input_grad)
         attn_out = record.attn_out[span].detach().requires_grad_()
-        attn_proj = _ReplayedLinear.apply(attn_out, weights.o, _unread_output(rows, geometry.hidden_size, x))
-        attn_proj = _plus_lora(attn_proj, attn_out, lora.get("o_proj"), scale, tp)
+        (attn_proj,) = _replayed_projections(
+            attn_out, weights.o, (_unread_output(rows, geometry.hidden_size, x),), (lora.get("o_proj"),), scale, tp)
         h = _ReplayedSum.apply(x, attn_proj, record.h[span])
         hn = copy_to_tp(rms_norm(h, weights.post_norm, eps), tp)
-        gate, up = _ReplayedLinear.apply(
-            hn, weights.gate_up, *torch.split(record.gate_up[span], geometry.intermediate_size, dim=-1)
+        gate, up = _replayed_projections(
+            hn, weights.gate_up, torch.split(record.gate_up[span], geometry.intermediate_size, dim=-1),
+            (lora.get("gate_proj"), lora.get("up_proj")), scale,
         )
-        gate, up = _plus_lora_shared((gate, up), hn, (lora.get("gate_proj"), lora.get("up_proj")), scale)
         gated = F.silu(gate) * up
-        down = _ReplayedLinear.apply(gated, weights.down, _unread_output(rows, geometry.hidden_size, x))
-        down = _plus_lora(down, gated, lora.get("down_proj"), scale, tp)
+        (down,) = _replayed_projections(
+            gated, weights.down, (_unread_output(rows, geometry.hidden_size, x),), (lora.get("down_proj"),), scale, tp)
         out = _ReplayedSum.apply(h, down, _unread_output(rows, geometry.hidden_size, x))
         out.backward(grad_out)
 
         # 2. attention backward of these queries over keys [0, end)
         xn = copy_to_tp(rms_norm(x, weights.input_norm, eps), tp)
-        q, k, v_rows = _ReplayedLinear.apply(xn, weights.qkv, record.q[span], record.k[span], record.v[span])
-        q, k, v_rows = _plus_lora_shared(
-            (q, k, v_rows), xn, (lora.get("q_proj"), lora.get("k_proj"), lora.get("v_proj")), scale
+        q, k, v_rows = _replayed_projections(
+            xn, weights.qkv, (record.q[span], record.k[span], record.v[span]),
+            (lora.get("q_proj"), lora.get("k_proj"), lora.get("v_proj")), scale,
         )
         q_rot, k_rot_rows = rotate_qk(q, k, weights, geometry, cos[span], sin[span])
         grad_q, grad_k_part, grad_v_part = attention_backward(
@@ -379,8 +363,8 @@ def replay_key_rows_backward(
         x = record.x[span].detach().requires_grad_(need_input_grad)
         xn = copy_to_tp(rms_norm(x, weights.input_norm, eps), tp)
         kv_weight = weights.qkv[record.q.shape[-1]:]  # the rows of k then v in the fused q/k/v weight
-        k, v_rows = _ReplayedLinear.apply(xn, kv_weight, record.k[span], record.v[span])
-        k, v_rows = _plus_lora_shared((k, v_rows), xn, (lora.get("k_proj"), lora.get("v_proj")), scale)
+        k, v_rows = _replayed_projections(
+            xn, kv_weight, (record.k[span], record.v[span]), (lora.get("k_proj"), lora.get("v_proj")), scale)
         k_rot_rows = rotate_k(k, weights, geometry, cos[span], sin[span])
         v_heads = v_rows.view(end - start, geometry.num_kv_heads, geometry.head_dim)
         backward_from([(k_rot_rows, grad_k[span]), (v_heads, grad_v[span])])
