@@ -273,8 +273,8 @@ class _SampleState:
             outputs, records = [], []
             size = self.planner.rows(kind, layer, run_end - run_start, run_end)
             for start, end in _pieces(run_start, run_end, size):
-                prefix_k = torch.cat(keys) if keys else None
-                prefix_v = torch.cat(values) if values else None
+                prefix_k = _joined(keys)
+                prefix_v = _joined(values)
                 output = fill_rows(
                     x_run[start - run_start : end - run_start], weights, geometry, lora, scale,
                     self.cos[start:end], self.sin[start:end], prefix_k, prefix_v, self.tp,
@@ -388,6 +388,13 @@ class _SampleState:
         parts = [LayerTensors.from_dict(activations.load(layer, LAYER_TENSORS, s, e)) if rec else filled[s]
                  for s, e, rec in self.runs]
         return parts[0] if len(parts) == 1 else _cat_records(parts)
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor | None:
+    """The rows so far as one tensor; a single part as it is (``torch.cat`` would copy it)."""
+    if not parts:
+        return None
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def _cat_records(parts: list[LayerTensors]) -> LayerTensors:
