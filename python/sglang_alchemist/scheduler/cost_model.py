@@ -4,9 +4,10 @@ A slice's *work* is ``rows x (1 + context / ATTENTION_CONTEXT)``: its rows pass 
 projections (cost per row) and attend to ``context`` keys (cost per row and key). The constant
 that converts keys into rows is the geometry's ratio of projection to attention FLOPs per row,
 so ``work`` is proportional to FLOPs for any model. Per kind (target forward, prompt fill
-forward, head, target backward, replay backward, optimizer, publish, guard decoding), seconds
-are modelled as ``overhead + rate x work`` and fitted by exponentially weighted least squares,
-seeded from a matmul benchmark at start-up. The model answers two questions:
+forward, head, target backward, replay backward, replay of key rows, optimizer, publish, guard
+decoding), seconds are modelled as ``overhead + rate x work`` and fitted by exponentially
+weighted least squares, seeded from a matmul benchmark at start-up. The model answers two
+questions:
 
 - ``rows_for(kind, seconds, context)``: how many rows fit a slice of at most ``seconds`` (the
   planner that cuts training steps into slices, ``training/step.py``);
