@@ -24,7 +24,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from sglang_alchemist.training.layers import attention, linear, rms_norm, rotate_qk
+from sglang_alchemist.training.layers import (
+    attention,
+    linear,
+    project_gate_up,
+    project_qkv,
+    rms_norm,
+    rotate_qk,
+)
 from sglang_alchemist.training.lora import LoraAdapter
 from sglang_alchemist.training.model_spec import FrozenModel
 from sglang_alchemist.training.objectives import Teacher, top_k_teacher
@@ -64,9 +71,7 @@ def _layer_step(model: FrozenModel, adapter, layer: int, hidden: torch.Tensor, p
     eps = geometry.rms_norm_eps
     cos, sin = model.rotary_cos_sin(positions)
     xn = rms_norm(hidden, weights.input_norm, eps)
-    q = linear(xn, weights.q, weights.q_bias, lora.get("q_proj"), scale)
-    k = linear(xn, weights.k, weights.k_bias, lora.get("k_proj"), scale)
-    v = linear(xn, weights.v, weights.v_bias, lora.get("v_proj"), scale)
+    q, k, v = project_qkv(xn, weights, lora, scale)
     q_rot, k_rot = rotate_qk(q, k, weights, geometry, cos, sin)
     v = v.view(-1, geometry.num_kv_heads, geometry.head_dim)
     outputs, offset = [], 0
@@ -81,8 +86,7 @@ def _layer_step(model: FrozenModel, adapter, layer: int, hidden: torch.Tensor, p
     attn_out = torch.cat(outputs)
     h = hidden + linear(attn_out, weights.o, None, lora.get("o_proj"), scale)
     hn = rms_norm(h, weights.post_norm, eps)
-    gate = linear(hn, weights.gate, None, lora.get("gate_proj"), scale)
-    up = linear(hn, weights.up, None, lora.get("up_proj"), scale)
+    gate, up = torch.split(project_gate_up(hn, weights, lora, scale), weights.gate.shape[0], dim=-1)
     gated = F.silu(gate) * up
     if taps is not None:
         taps.update(attention_input=xn, o_input=attn_out, mlp_input=hn, down_input=gated)

@@ -185,7 +185,7 @@ def graph_lora(lora: dict, tp: TensorParallel | None, geometry: ModelGeometry) -
 
     Column-parallel: the replicated A through :func:`copy_to_tp` (its gradient all-reduced), and
     with KV replicas, the k/v B through :class:`_KVReplicaSum`. Row-parallel pairs are used as they
-    are (``layers.lora_delta`` reduces their A-partial). Call it where the graph is built.
+    are (``layers.row_parallel_linear`` reduces their A-partial). Call it where the graph is built.
     """
     tp = active_tp(tp)
     if tp is None:
