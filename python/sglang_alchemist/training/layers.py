@@ -18,6 +18,7 @@ all-reduced; see ``tensor_parallel`` for where each collective sits.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -82,10 +83,7 @@ def _add_lora(y: torch.Tensor, u: torch.Tensor, b: torch.Tensor, scale: float) -
 def linear(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pair: LoraPair | None, scale: float
 ) -> torch.Tensor:
-    y = F.linear(x, weight, bias)
-    if pair is None:
-        return y
-    return _add_lora(y, x @ pair[0].to(x.dtype).t(), pair[1], scale)
+    return stacked_linear(x, weight, bias, (pair,), scale, [weight.shape[0]])
 
 
 def stacked_linear(
@@ -107,7 +105,7 @@ def stacked_linear(
         return y
     a = pairs[live[0]][0] if len(live) == 1 else torch.cat([pairs[index][0] for index in live])
     u = x @ a.to(x.dtype).t()
-    starts = [sum(sizes[:index]) for index in range(len(sizes))]
+    starts = [0, *itertools.accumulate(sizes)]
     rank_start = 0
     for index in live:
         rank = pairs[index][0].shape[0]
