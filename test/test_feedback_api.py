@@ -265,6 +265,35 @@ def test_external_exchange_and_reject_are_trained(server):
     status = wait_idle_at(server, version + 2)
     journal = status["schedulers"][0]["journal"]
     assert journal["queued"] == 0 and journal["dropped"] == 0 and journal["trained"] == journal["total"]
+    # trained means its effect: the update ran until greedy decoding leaves the rejected answer
+    record = admin_get(server, f"/v1/alchemist/feedback/{rejected.json()['id']}")
+    assert record["learnt"] is True and record["stop_reason"] == "learnt"
+    assert chat(server, "Say something rude.")["choices"][0]["message"]["content"] != \
+        served["choices"][0]["message"]["content"]
+
+
+def test_a_burst_of_corrections_is_trained_in_one_update_and_served_in_one_version(server):
+    before = wait_idle_at(server, None)
+    version = before["serving"]["served_version"]
+    assert before["schedulers"][0]["training"]["learner"]["ready"] is True
+    assert requests.post(server.url + "/v1/alchemist/pause", headers=ADMIN, timeout=60).json()["paused"] is True
+    ids = []
+    for question, answer in (("Burst one?", "One."), ("Burst two?", "Two."), ("Burst three?", "Three.")):
+        served = chat(server, question)
+        reply = post_feedback(server, {"id": served["id"], "type": "correction", "completion": answer})
+        assert reply.status_code == 202
+        ids.append(reply.json()["id"])
+    assert requests.post(server.url + "/v1/alchemist/resume", headers=ADMIN, timeout=60).json()["paused"] is False
+    status = wait_idle_at(server, version + 1)
+    training = status["schedulers"][0]["training"]
+    assert sorted(training["last_update"]["feedback_ids"]) == sorted(ids)
+    for feedback_id in ids:
+        record = admin_get(server, f"/v1/alchemist/feedback/{feedback_id}")
+        assert record["state"] == "trained" and record["trained_version"] == version + 1
+        assert record["steps"] == training["last_update"]["steps"] >= 1 and record["learnt"] is not None
+    # every row the trainer ran counts toward the reuse ratio; the trunk's records are kept and used
+    assert training["layer_rows"] > training["layer_rows_reused"] > 0
+    assert 0 < training["reuse_ratio"] < 1 and training["trunk"]["records"] > 0
 
 
 def test_metrics_are_exported_in_prometheus_format(server):

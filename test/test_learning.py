@@ -62,13 +62,17 @@ def guard_set(tiny, user_probes=None) -> GuardSet:
                     user_probes=user_probes, questions=QUESTIONS)
 
 
-def core(tiny, guard, **flags) -> LearningCore:
+def core(tiny, guard, until_learnt: bool = False, **flags) -> LearningCore:
+    """A learning core on the tiny model; ``until_learnt`` False: every update runs all its steps
+    (``--alchemist-passes``), which the mechanics below count on."""
     model, tokenizer, _ = tiny
     # the gate's mechanics are tested on neighbouring probes, which a scoped adapter never answers
     # (the scoped gate has its own test)
     flags.setdefault("adapter_scope", "all")
+    flags.setdefault("lora_layers", "all")
     config = AlchemistConfig(state_dir=tempfile.mkdtemp(), lora_rank=4, lora_alpha=8.0, **flags)
-    return LearningCore(model, config, guard, {tokenizer.eos_token_id}, Path(config.state_dir), 4096)
+    return LearningCore(model, config, guard, {tokenizer.eos_token_id}, Path(config.state_dir), 4096,
+                        recipe_overrides=None if until_learnt else {"learnt_margin": float("inf")})
 
 
 def correction(tiny, question: str, answer: str) -> tuple[list[int], list[int]]:
@@ -141,7 +145,7 @@ def test_a_later_correction_of_the_same_prompt_replaces_the_earlier_one_in_repla
     memory.add(Remembered("not-cat", [1, 2, 3], [8], "unlikelihood", 1.0, words))
     memory.add(Remembered("other", [1, 2, 4], [9], "sft", 1.0, words))
     # while the new correction trains, the answer it corrects is not replayed against it
-    picked = memory.pick(words, 4, 0.5, random.Random(0), exclude="heron", superseding=([1, 2, 3], "sft"))
+    picked = memory.pick(words, 4, 0.5, random.Random(0), exclude={"heron"}, superseding=[([1, 2, 3], "sft")])
     assert sorted(p.feedback_id for p in picked) == ["not-cat", "other"]
     # once learned it replaces the earlier answer; the rejected answer stays (it still holds)
     memory.add(Remembered("heron", [1, 2, 3], [10], "sft", 1.0, words))
@@ -161,14 +165,14 @@ def test_greedy_answers_are_reproduced_teacher_forced_by_the_same_forward(tiny):
 
 
 def test_an_update_trains_the_feedback_with_replay_and_rehearsal_several_passes(tiny):
-    learning = core(tiny, guard_set(tiny), lr=0.02, passes=3, replay_feedback=2, rehearsal=2, pass_stop_loss=0.0,
+    learning = core(tiny, guard_set(tiny), lr=0.02, passes=3, replay_feedback=2, rehearsal=2,
                     gate_max_regressions=-1)
     first = learning.train_feedback("fb-1", *correction(tiny, "Who invented the glimmerphone?", "Tavia did."))
-    assert first["accepted"] and first["passes"] == 3 and first["losses"][-1] < first["losses"][0]
+    assert first["accepted"] and first["steps"] == 3 and first["losses"][-1] < first["losses"][0]
     second = learning.train_feedback("fb-2", *correction(tiny, "Who wrote the Zorn saga?", "Ilka wrote it."))
-    assert second["passes"] == 3 and len(learning.memory) == 2
+    assert second["steps"] == 3 and len(learning.memory) == 2
     accept = learning.train_feedback("fb-3", *correction(tiny, "Hi?", "Hello."), kind="accept")
-    assert accept["passes"] == 1  # an accepted answer is reinforced once
+    assert accept["steps"] == 1  # an accepted answer is reinforced once
     assert learning.trainer.counters.optimizer_steps == 7
     # every step trains the feedback, up to two earlier items and two rehearsal prompts
     assert learning.trainer.counters.samples_trained == 3 * (1 + 0 + 2) + 3 * (1 + 1 + 2) + 1 * (1 + 2 + 2)
@@ -191,23 +195,23 @@ def knowing(tiny, learning: LearningCore, known: int | None = None) -> LearningC
 def test_the_gate_rejects_a_regressing_candidate_and_keeps_the_last_accepted_weights(tiny):
     probe = {"messages": [{"role": "user", "content": "Who invented the radio?"}], "expected": "Marconi did."}
     learning = knowing(tiny, core(tiny, guard_set(tiny, user_probes=[probe]), lr=0.05, passes=4, replay_feedback=0,
-                                  rehearsal=0, pass_stop_loss=0.0, gate_max_regressions=0, gate_probes=2))
+                                  rehearsal=0, gate_max_regressions=0, gate_probes=2))
     before = {name: tensor.clone() for name, tensor in learning.trainer.adapter.peft_state_dict().items()}
     report = learning.train_feedback("fb-1", *correction(tiny, "Who invented the radio?", "Zed Quorn invented it."))
     assert not report["accepted"] and report["gate"]["regressed"] and "regressed" in report["gate"]["reason"]
     assert report["gate"]["inherited"] == []  # the served version (the base) answered them all
     # at this learning rate the update moves its neighbours' answers further than two repair rounds bring back
-    assert report["gate"]["repairs"] == 2 and report["passes"] == 4 + 2 * 2
+    assert report["gate"]["repairs"] == 2 and report["steps"] == 4 + 2 * 2
     after = learning.trainer.adapter.peft_state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)  # training goes on from the last good
     assert learning.gate_counters()["rejections"] == 1 and len(learning.memory) == 0
     lenient = core(tiny, guard_set(tiny, user_probes=[probe]), lr=0.05, passes=4, replay_feedback=0, rehearsal=0,
-                   pass_stop_loss=0.0, gate_max_regressions=10, gate_probes=2)
+                   gate_max_regressions=10, gate_probes=2)
     assert lenient.train_feedback("fb-1", *correction(tiny, "Who invented the radio?", "Zed Quorn."))["accepted"]
 
 
 def test_probes_the_served_version_already_lost_do_not_refuse_an_update_and_corrections_mend_them(tiny):
-    flags = dict(lr=0.05, passes=4, replay_feedback=0, rehearsal=0, pass_stop_loss=0.0, gate_max_regressions=10,
+    flags = dict(lr=0.05, passes=4, replay_feedback=0, rehearsal=0, gate_max_regressions=10,
                  gate_probes=2, gate_repairs=0)
     learning = knowing(tiny, core(tiny, guard_set(tiny), **flags))
     question = "Who invented the glimmerphone?"
@@ -235,12 +239,12 @@ def test_probes_the_served_version_already_lost_do_not_refuse_an_update_and_corr
     for group in healing.trainer.optimizer.param_groups:
         group["lr"] = 1e-7
     mended = healing.train_feedback("fb-3", *correction(tiny, question, "Zed Quorn invented it in 1841."))
-    assert mended["gate"]["repairs"] == 1 and mended["passes"] == 4 + 2
+    assert mended["gate"]["repairs"] == 1 and mended["steps"] == 4 + 2
     assert mended["accepted"] and mended["gate"]["regressed"] == []
 
 
 def test_with_the_adapter_scoped_the_gate_checks_only_probes_the_candidate_would_answer(tiny):
-    flags = dict(lr=0.05, passes=4, replay_feedback=0, rehearsal=0, pass_stop_loss=0.0, gate_max_regressions=0,
+    flags = dict(lr=0.05, passes=4, replay_feedback=0, rehearsal=0, gate_max_regressions=0,
                  gate_probes=2, gate_repairs=0, adapter_scope="feedback")
     _, tokenizer, chat_ids = tiny
     fact = correction(tiny, "Who invented the glimmerphone?", "Zed Quorn invented it in 1841.")
@@ -286,7 +290,7 @@ def test_knowledge_preserving_updates_leave_the_preserved_inputs_outputs_unchang
 
 
 def test_the_gate_checks_only_bank_probes_whose_base_answer_names_a_key(tiny):
-    flags = dict(lr=0.02, passes=2, replay_feedback=0, rehearsal=0, pass_stop_loss=0.0, gate_max_regressions=10,
+    flags = dict(lr=0.02, passes=2, replay_feedback=0, rehearsal=0, gate_max_regressions=10,
                  gate_probes=4)
     fact = ("Who invented the glimmerphone?", "Zed Quorn invented the glimmerphone in the year 1841.")
     for known in (0, 1, 2):
@@ -299,7 +303,7 @@ def test_the_gate_checks_only_bank_probes_whose_base_answer_names_a_key(tiny):
 
 
 def test_a_repair_round_rehearses_the_regressed_probes_before_the_gate_decides(tiny):
-    flags = dict(lr=0.02, passes=4, replay_feedback=0, rehearsal=0, pass_stop_loss=0.0, gate_max_regressions=0,
+    flags = dict(lr=0.02, passes=4, replay_feedback=0, rehearsal=0, gate_max_regressions=0,
                  gate_probes=2)
     fact = ("Who invented the glimmerphone?", "Zed Quorn invented the glimmerphone in the year 1841.")
     unrepaired = knowing(tiny, core(tiny, guard_set(tiny), gate_repairs=0, **flags))
@@ -309,7 +313,7 @@ def test_a_repair_round_rehearses_the_regressed_probes_before_the_gate_decides(t
     broken = len(report["gate"]["regressed"])
     repaired = knowing(tiny, core(tiny, guard_set(tiny), gate_repairs=1, **flags))
     again = repaired.train_feedback("fb-1", *correction(tiny, *fact))
-    assert again["gate"]["repairs"] == 1 and again["passes"] == 4 + 2
+    assert again["gate"]["repairs"] == 1 and again["steps"] == 4 + 2
     # the repair round's two steps trained the feedback together with every probe it had broken
     assert repaired.trainer.counters.samples_trained == 4 + 2 * (1 + broken)
     assert len(again["gate"]["regressed"]) <= broken
@@ -353,7 +357,7 @@ def test_training_with_the_output_anchor_moves_the_general_outputs_less(tiny):
     moved = {}
     for weight in (0.0, 1000.0):
         learning = core(tiny, guard_set(tiny), lr=0.02, passes=3, replay_feedback=0, rehearsal=0,
-                        pass_stop_loss=0.0, gate_max_regressions=-1, anchor_weight=weight)
+                        gate_max_regressions=-1, anchor_weight=weight)
         report = learning.train_feedback("fb-1", *correction(tiny, "Who invented the glimmerphone?", "Tavia did."))
         assert (learning.trainer.anchor is not None) == (weight > 0)
         assert report["losses"][-1] < report["losses"][0]  # the feedback is learned either way

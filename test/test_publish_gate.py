@@ -39,7 +39,7 @@ def server(launch_server, tiny_model_dir, tmp_path_factory):
         tiny_model_dir, folder / "state",
         "--alchemist-gate-max-regressions", "0", "--alchemist-guard-file", str(probes),
         "--alchemist-gate-probes", "1", "--alchemist-gate-repairs", "1",
-        "--alchemist-lr", "0.05", "--alchemist-passes", "4", "--alchemist-pass-stop-loss", "0",
+        "--alchemist-lr", "0.05", "--alchemist-passes", "4",
     )
     server = launch_server(args, name="publish-gate")
     yield server

@@ -231,3 +231,96 @@ def test_prompt_rows_missing_from_the_record_are_computed_and_the_rest_replayed_
     assert (result.rows_replayed, result.rows_filled) == (len(PROMPT) - missing, missing)
     assert result.path == "replay"
     assert_close_per_tensor(adapter.peft_grad_dict(), reference_gradients(peft, [(PROMPT, TARGET)]))
+
+
+# --- the frozen trunk: the adapter on the top layers only ------------------------------------------
+
+TRUNK_LAYERS = 4
+FIRST = 2  # the adapter covers layers 2 and 3; layers 0 and 1 are the trunk
+
+
+@pytest.fixture(scope="module")
+def trunk_setup(tmp_path_factory):
+    from sglang_alchemist.assets.tiny_model import TinyModelSpec
+
+    directory = build_tiny_model(tmp_path_factory.mktemp("trunk"), TinyModelSpec(num_hidden_layers=TRUNK_LAYERS))
+    base = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32, attn_implementation="eager").eval()
+    model = frozen_model_from_transformers(base)
+    spec = LoraSpec(rank=4, alpha=8.0, target_modules=LORA_MODULES, first_layer=FIRST)
+    adapter = LoraAdapter(spec, model.geometry, seed=1)
+    other = LoraAdapter(spec, model.geometry, seed=2)  # another version of the same lineage
+    with torch.no_grad():
+        for param in [*adapter.parameters(), *other.parameters()]:
+            param.normal_(0.0, 0.05)
+    config = adapter.peft_config()
+    assert config["layers_to_transform"] == [2, 3]
+    peft = get_peft_model(copy.deepcopy(base), LoraConfig(
+        r=4, lora_alpha=8.0, target_modules=list(LORA_MODULES), lora_dropout=0.0,
+        layers_to_transform=config["layers_to_transform"]))
+    set_peft_model_state_dict(peft, adapter.peft_state_dict())
+    return model, adapter, other, peft
+
+
+def _trunk_step(model, adapter, example, planner=None, forward_only=False):
+    adapter.zero_grad()
+    total = len(example.target_ids)
+    return run_to_completion(sample_step(model, adapter, example, 1.0 / total, planner=planner,
+                                         forward_only=forward_only))
+
+
+def test_the_adapter_on_the_top_layers_trains_only_them_and_hands_back_the_trunks_record(trunk_setup):
+    model, adapter, _, peft = trunk_setup
+    reference = reference_gradients(peft, [(PROMPT, TARGET)])
+    assert {int(name.split(".layers.")[1].split(".")[0]) for name in reference} == {2, 3}
+    result = _trunk_step(model, adapter, Example(PROMPT, TARGET))
+    assert_close_per_tensor(adapter.peft_grad_dict(), reference)
+    rows = len(PROMPT) + len(TARGET) - 1
+    # the residual entering layer 2 of every row: exactly the base model's hidden state there
+    hidden = peft.base_model.model(torch.tensor([PROMPT + TARGET[:-1]]), output_hidden_states=True).hidden_states
+    assert result.trunk.shape == (rows, model.geometry.hidden_size)
+    torch.testing.assert_close(result.trunk, hidden[FIRST][0], rtol=1e-5, atol=1e-5)
+    assert (result.layer_rows, result.layer_rows_reused, result.path) == (rows * TRUNK_LAYERS, 0, "recompute")
+    # the backward stops at the first adapted layer: no slice below it
+    assert min(info.layer for info in result.slices) == 0 and all(
+        info.layer >= FIRST for info in result.slices if info.kind.startswith("replay"))
+
+
+@pytest.mark.parametrize("source", ["trunk", "stale-record", "exact-record", "trunk-and-exact-record"])
+def test_every_source_of_rows_gives_the_same_exact_gradients_and_counts_its_reuse(trunk_setup, source):
+    """The trunk's record (any version), a record of another version (good for the trunk's layers
+    only) and a record of the very weights trained (replayed through every layer) all give PEFT's
+    gradients; the reuse counted is what each took from records."""
+    model, adapter, other, peft = trunk_setup
+    reference = reference_gradients(peft, [(PROMPT, TARGET)])
+    trunk = _trunk_step(model, adapter, Example(PROMPT, TARGET)).trunk
+    rows, prompt = len(PROMPT) + len(TARGET) - 1, len(PROMPT)
+    example, expected_reuse, path = {
+        "trunk": (Example(PROMPT, TARGET, trunk=trunk), rows * FIRST, "trunk"),
+        "stale-record": (Example(PROMPT, TARGET, activations=record_prompt(model, other, PROMPT), record_exact=False),
+                         prompt * FIRST, "recompute"),
+        "exact-record": (Example(PROMPT, TARGET, activations=record_prompt(model, adapter, PROMPT)),
+                         prompt * TRUNK_LAYERS, "replay"),
+        "trunk-and-exact-record": (Example(PROMPT, TARGET, activations=record_prompt(model, adapter, PROMPT),
+                                           trunk=trunk), rows * FIRST + prompt * (TRUNK_LAYERS - FIRST), "replay"),
+    }[source]
+    result = _trunk_step(model, adapter, example, planner=_Rows(5))
+    assert_close_per_tensor(adapter.peft_grad_dict(), reference)
+    assert (result.path, result.layer_rows_reused) == (path, expected_reuse)
+    if example.trunk is not None:  # nothing ran below the first adapted layer
+        assert all(info.layer >= FIRST for info in result.slices if info.layer < TRUNK_LAYERS)
+    if source == "stale-record":  # the record's trunk layers were the trunk's: the same residual
+        torch.testing.assert_close(result.trunk, trunk, rtol=1e-5, atol=1e-5)
+
+
+def test_a_forward_only_check_reports_the_greedy_agreement_and_computes_no_gradient(trunk_setup):
+    model, adapter, _, peft = trunk_setup
+    greedy = peft(torch.tensor([PROMPT + TARGET])).logits[0, len(PROMPT) - 1 : -1]
+    result = _trunk_step(model, adapter, Example(PROMPT, TARGET), forward_only=True)
+    assert all(param.grad is None for param in adapter.parameters())
+    assert result.agree == (greedy.argmax(-1) == torch.tensor(TARGET)).tolist()
+    top2 = greedy.topk(2, dim=-1).values
+    target_logit = greedy.gather(-1, torch.tensor(TARGET)[:, None])[:, 0]
+    expected = torch.where(greedy.argmax(-1) == torch.tensor(TARGET), top2[:, 0] - top2[:, 1], target_logit - top2[:, 0])
+    torch.testing.assert_close(torch.tensor(result.margins), expected, rtol=1e-4, atol=1e-4)
+    reference_loss = torch.nn.functional.cross_entropy(greedy, torch.tensor(TARGET), reduction="sum")
+    assert result.loss == pytest.approx(reference_loss.item(), rel=1e-4)

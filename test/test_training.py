@@ -39,7 +39,7 @@ def server(launch_server, tiny_model_dir, tmp_path_factory):
         "--chunked-prefill-size", str(CHUNK),
         "--alchemist-record", "all", "--alchemist-debug-endpoints",
         "--alchemist-lr", "0.02", "--alchemist-lora-rank", "4", "--alchemist-lora-alpha", "8",
-        "--alchemist-publish-every", "1", "--alchemist-max-staleness", "0",
+        "--alchemist-publish-every", "1", "--alchemist-max-staleness", "0", "--alchemist-passes", "40",
         "--alchemist-adapter-scope", "all",  # requests of every topic replay served versions here
     )
     server = launch_server(args, name="training")
@@ -127,11 +127,12 @@ def test_sample_partly_on_host_is_recomputed_or_reloaded_with_exact_gradients(se
     checkpoint, _ = version_one
     content = "Write a haiku about compilers."
     response = chat(server, content)
+    # layer 0 is the frozen trunk (the adapter covers layer 1): the backward reads layer 1 only
     moved = requests.post(server.url + "/v1/alchemist/debug/move_to_host", timeout=60,
-                          json={"id": response["id"], "layers": [0]}).json()
+                          json={"id": response["id"], "layers": [0, 1]}).json()
     record = requests.get(f"{server.url}/v1/alchemist/debug/record/{response['id']}", timeout=60).json()
-    assert moved["moved"] == len(record["views"]) >= 1  # the chat template's prefix may be a shared chunk
-    assert all(view["tiers"] == ["host", "device"] for view in record["views"])
+    assert moved["moved"] == 2 * len(record["views"]) >= 2  # the chat template's prefix may be a shared chunk
+    assert all(view["tiers"] == ["host", "host"] for view in record["views"])
     item = {"completion_id": response["id"], "prompt_ids": chat_prompt_ids(tokenizer, content),
             "target_ids": tokenizer.encode("Tokens flow like streams.")}
     reference = peft_gradients(tiny_model_dir, checkpoint, [item])
@@ -173,7 +174,10 @@ def test_a_conversation_replays_its_recorded_turns_and_computes_only_the_earlier
     assert_gradients_match(ours, peft_gradients(tiny_model_dir, checkpoint, [item]))
 
 
-def test_a_stale_sample_is_recomputed_and_counted(server, tokenizer, version_one):
+def test_a_stale_record_serves_the_trunk_only_and_is_counted(server, tokenizer, version_one):
+    """A record made by weights the trainer has moved past is not replayed through the adapted layer
+    (the gradient would not be exact): it still gives the frozen trunk's layer, which every version
+    computes alike, so the feedback reply says its activations are reused and why not replayed."""
     _, before = version_one
     stale = chat(server, "What is a tuple?")  # recorded under the current version
     newer = chat(server, "Name a fruit.")
@@ -181,30 +185,34 @@ def test_a_stale_sample_is_recomputed_and_counted(server, tokenizer, version_one
     current_version = before["serving"]["served_version"]
     wait_until_trained(server, served_version=current_version + 1)
     reply = feedback(server, stale["id"], "An immutable sequence.")
-    assert reply["activations_reusable"] is False and reply["replay_blocker"] == "stale"
+    assert reply["activations_reusable"] is True and reply["replay_blocker"] == "stale"
     after = wait_until_trained(server, served_version=current_version + 2)
-    assert after["schedulers"][0]["training"]["recompute_reasons"].get("stale", 0) >= 1
-    # a request served by a version already too stale to replay is not recorded at all
+    training = after["schedulers"][0]["training"]
+    assert training["recompute_reasons"].get("stale", 0) >= 1
+    assert training["stale_replays"] == {}  # nothing stale was replayed (--alchemist-max-staleness 0)
+    # a request served by an older version is still recorded: its trunk layer is every version's
     not_recorded = after["schedulers"][0]["recording"]["requests_not_recorded"]
     old = chat(server, "What is a dictionary?", model=f"default:alchemist-v{current_version}")
     assert old["metadata"]["alchemist_adapter_version"] == current_version
-    assert status(server)["schedulers"][0]["recording"]["requests_not_recorded"] == not_recorded + 1
+    assert status(server)["schedulers"][0]["recording"]["requests_not_recorded"] == not_recorded
     reply = feedback(server, old["id"], "A mapping.")
-    assert reply["activations_reusable"] is False and reply["replay_blocker"] == "stale"
+    assert reply["activations_reusable"] is True and reply["replay_blocker"] == "stale"
     wait_until_trained(server, served_version=current_version + 3)
 
 
-def test_loss_falls_and_the_served_output_becomes_the_correction(server, tokenizer):
+def test_one_correction_is_learnt_by_the_version_that_contains_it(server, tokenizer):
+    """The update trains until the model gives the correction: the user who corrected an answer
+    gets the corrected one from the very next version, and the journal says how many steps it took."""
     question, answer = "What is the password?", "The password is swordfish."
-    losses, outputs = [], [chat(server, question, max_tokens=24)]
-    while outputs[-1]["choices"][0]["message"]["content"] != answer and len(losses) < 20:
-        feedback(server, outputs[-1]["id"], answer)
-        trained = wait_until_trained(server, served_version=status(server)["serving"]["served_version"] + 1)
-        losses.append(trained["schedulers"][0]["training"]["last_update"]["losses"])  # one per pass
-        outputs.append(chat(server, question, max_tokens=24))
-    assert outputs[0]["choices"][0]["message"]["content"] != answer
-    assert outputs[-1]["choices"][0]["message"]["content"] == answer, [o["choices"][0]["message"]["content"]
-                                                                      for o in outputs]
-    assert all(len(passes) > 1 and passes[-1] < passes[0] for passes in losses), losses  # each update learns
-    assert losses[-1][-1] < losses[0][0] / 2, losses
-    assert outputs[-1]["metadata"]["alchemist_adapter_version"] == status(server)["serving"]["served_version"]
+    before = chat(server, question, max_tokens=24)
+    assert before["choices"][0]["message"]["content"] != answer
+    reply = feedback(server, before["id"], answer)
+    trained = wait_until_trained(server, served_version=status(server)["serving"]["served_version"] + 1)
+    after = chat(server, question, max_tokens=24)
+    assert after["choices"][0]["message"]["content"] == answer
+    assert after["metadata"]["alchemist_adapter_version"] == trained["serving"]["served_version"]
+    record = requests.get(f"{server.url}/v1/alchemist/feedback/{reply['id']}", timeout=60).json()
+    assert record["state"] == "trained" and record["learnt"] is True and record["stop_reason"] == "learnt"
+    update = trained["schedulers"][0]["training"]["last_update"]
+    assert update["learnt"] == [True] and update["steps"] == record["steps"] >= 2
+    assert update["losses"][-1] < update["losses"][0] / 2  # one loss per step, before each step

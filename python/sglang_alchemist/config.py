@@ -102,6 +102,23 @@ def _host_port(value: str) -> str | None:
     return None if host and port.isdigit() and 0 < int(port) < 65536 else "host:port (a port between 1 and 65535)"
 
 
+def _lora_layers(value: str) -> str | None:
+    if value in ("all", "auto") or (value.isdigit() and int(value) >= 1):
+        return None
+    return "'all', 'auto' or an integer >= 1 (that many top decoder layers)"
+
+
+AUTO_LORA_LAYER_SHARE = 1 / 3  # --alchemist-lora-layers auto: the top third (docs/NOTES.md, "The frozen trunk")
+
+
+def first_adapted_layer(lora_layers: str, num_layers: int) -> int:
+    """The first decoder layer that gets an adapter under ``--alchemist-lora-layers``."""
+    if lora_layers == "all":
+        return 0
+    count = max(1, round(num_layers * AUTO_LORA_LAYER_SHARE)) if lora_layers == "auto" else int(lora_layers)
+    return max(0, num_layers - count)
+
+
 def _parse_target_modules(text: str) -> list[str]:
     names = [name.strip() for name in text.split(",") if name.strip()]
     if names == ["all"]:
@@ -176,23 +193,47 @@ class AlchemistConfig:
         parse=_parse_target_modules,
         metavar="MODULES",
     )
+    lora_layers: str = _flag(
+        "auto",
+        "Decoder layers that get LoRA adapters, counted from the top: an integer N (the last N layers), "
+        "'all', or 'auto' (the top third). The layers below never change, so the residual stream "
+        "entering the first adapted layer is a permanent exact record of them: every optimizer step, "
+        "check, replayed feedback and rehearsal starts there instead of at the embeddings.",
+        check=_lora_layers,
+        metavar="N|all|auto",
+        allowed="'all', 'auto' or an integer >= 1",
+    )
+    trunk_host_mb: float = _flag(
+        1024.0,
+        "Byte budget (MiB) of host memory for the residuals entering the first adapted layer (one "
+        "hidden-size row per token of every trained sequence, kept for the lineage's life; least "
+        "recently used out first).",
+        check=_non_negative,
+    )
     lr: float = _flag(2e-3, "AdamW learning rate of the LoRA adapter.", check=_positive)
     weight_decay: float = _flag(0.0, "AdamW weight decay of the LoRA adapter.", check=_non_negative)
     grad_clip: float = _flag(
         1.0, "Global gradient-norm clip per optimizer step (0 disables clipping).", check=_non_negative
     )
     passes: int = _flag(
-        4,
-        "Optimizer steps one feedback trains (its update): what lets a single correction teach a fact. "
-        "Each step mixes in earlier feedback and guard rehearsal (see --alchemist-replay-feedback, "
-        "--alchemist-rehearsal).",
+        16,
+        "Most optimizer steps one update trains. An update stops earlier as soon as a check after a step "
+        "finds the model giving every correction in it word for word (a reject: no longer giving the "
+        "rejected answer); an accept is one step. Each step mixes in earlier feedback and guard "
+        "rehearsal (see --alchemist-replay-feedback, --alchemist-rehearsal).",
         check=_positive_int,
     )
-    pass_stop_loss: float = _flag(
-        0.05,
-        "An update stops before --alchemist-passes steps once the feedback's own loss per token is below "
-        "this (an accepted answer the model already gives needs one step); 0 always runs every pass.",
-        check=_non_negative,
+    update_max_s: float = _flag(
+        60.0,
+        "Most seconds of the training thread's work one update takes (its steps and checks, not the "
+        "time serving had the engine); it stops after the step that crosses it, learnt or not.",
+        check=_positive,
+    )
+    feedback_batch: int = _flag(
+        8,
+        "Most feedback items one update trains together: when several are waiting (a burst), they are "
+        "learnt in one update and one version instead of one after another.",
+        check=_positive_int,
     )
     replay_feedback: int = _flag(
         4,
@@ -265,9 +306,11 @@ class AlchemistConfig:
         1, "Feedback updates between published adapter versions.", check=_positive_int
     )
     max_staleness: int = _flag(
-        8,
-        "Recorded activations older than this many adapter versions are not replayed; the sample "
-        "is trained by recomputation instead.",
+        0,
+        "Serving's recorded activations are replayed through the adapted layers only when made by the "
+        "very weights being trained (0: the exact gradient), or at most this many versions before them "
+        "(an approximate gradient, counted in status as training.stale_replays); other records serve "
+        "the layers below the adapter only.",
         check=_non_negative_int,
     )
     hedge: str = _flag(

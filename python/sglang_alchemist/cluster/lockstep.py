@@ -274,30 +274,26 @@ class ClusterLane:
             words = frozenset()
             if item is not None:
                 words = core.guard.words_of(item.prompt_ids) if core.guard is not None else frozenset()
-                update = FeedbackUpdate(item, core.recipe, core.memory, core.guard, words, core.rng)
+                update = FeedbackUpdate([item], core.recipe, core.memory, core.guard, words, core.rng,
+                                        core.max_update_s)
                 probes = core._gate_probes(words)
                 yield from core._ensure_answers([*update.rehearsal_prompts(), *probes])
-            yield from core.ensure_preservation()  # every replica: the anchor and projection must be the same
+            yield from core.prepare()  # every replica: the anchor and projection must be the same
             paths, gate, repairs = [], None, 0
             while True:
                 while True:
                     batch = update.next_batch() if update is not None else None
                     if not sync.any(batch is not None):
                         break
-                    items, scales = batch if batch is not None else ([], [])
-                    outcome = yield from trainer.step(items, scales, planner,
-                                                      first_pass=update.first_pass if update else True,
-                                                      sync_weight=1.0 if items else 0.0)
-                    if core.subspaces is not None:
-                        core.subspaces.project(trainer.adapter)
                     if batch is not None:
-                        update.observe(outcome)
-                        paths.append(outcome.paths[0])
+                        yield from core.one_step(update, batch, planner, paths)
+                    else:  # this replica has nothing left to train: it takes part in the average only
+                        yield from trainer.step([], [], planner, sync_weight=0.0)
                 checking = bool(probes) and core.gate_max_regressions >= 0
                 if checking:
                     gate = yield from core._check(probes)
                     gate.repairs = repairs
-                mend = core.to_repair(gate, item, repairs) if checking and item is not None else []
+                mend = core.to_repair(gate, [item], repairs) if checking and item is not None else []
                 if not sync.any(bool(mend)):
                     break
                 if mend:
@@ -321,8 +317,10 @@ class ClusterLane:
                 self.counters.rounds_rejected += 1
                 core.gate.rejections += 1
             if item is not None:
-                outcome = UpdateOutcome(item, accepted, update.passes_done, update.losses, gate,
-                                        time.monotonic() - started, paths)
+                outcome = UpdateOutcome([item], accepted, update.passes_done, update.losses, gate,
+                                        time.monotonic() - started, paths, learnt=[update.item_learnt(0)],
+                                        margins=[update.margins.get(0)], stop_reason=update.stop_reason,
+                                        busy_seconds=update.spent_s)
                 self._finish_own(outcome, own_passed)
             self._item = None
         else:

@@ -8,6 +8,11 @@ open the file: the HTTP process inserts records, the scheduler process moves the
     queued --(its update failed the publish gate)------> rejected (reason)
     queued --(cannot or must not be trained)-----------> dropped (reason)
 
+Each record also says what its latest update did (``note_updates``, written when the update
+ends, before it is published): ``steps`` (optimizer steps), ``learnt`` (whether the check after
+the last step found the model giving the feedback's answer; NULL for an accept, which is one
+reinforcing step) and ``stop_reason`` (``learnt``, ``max_steps``, ``max_seconds``).
+
 A record becomes ``trained`` only when the version containing its update is checkpointed, so
 after a crash (even ``kill -9`` mid-step) every record not in a checkpoint is still
 ``queued`` and is trained again at restart - at-least-once, never lost.
@@ -38,10 +43,15 @@ CREATE TABLE IF NOT EXISTS feedback (
     trained_version INTEGER,
     reason TEXT,
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    steps INTEGER,
+    learnt INTEGER,
+    stop_reason TEXT
 );
 CREATE INDEX IF NOT EXISTS feedback_state ON feedback(state);
 """
+# columns added after the first release: a journal written before them gains them at open
+ADDED_COLUMNS = (("steps", "INTEGER"), ("learnt", "INTEGER"), ("stop_reason", "TEXT"))
 
 STATES = ("queued", "trained", "rejected", "dropped")
 
@@ -62,6 +72,9 @@ class FeedbackRecord:
     reason: str | None = None
     created_at: float = 0.0
     updated_at: float = 0.0
+    steps: int | None = None  # optimizer steps of its latest update
+    learnt: bool | None = None  # the check after its last step found it learnt (None: not checked)
+    stop_reason: str | None = None
 
     def public(self) -> dict:
         return {
@@ -75,6 +88,9 @@ class FeedbackRecord:
             "reason": self.reason,
             "prompt_tokens": len(self.prompt_ids),
             "target_tokens": len(self.target_ids),
+            "steps": self.steps,
+            "learnt": self.learnt,
+            "stop_reason": self.stop_reason,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }
@@ -91,6 +107,14 @@ class Journal:
         self._db.execute("PRAGMA synchronous=FULL")  # a commit survives power loss, not only kill -9
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.executescript(SCHEMA)
+        present = {row["name"] for row in self._db.execute("PRAGMA table_info(feedback)").fetchall()}
+        for name, kind in ADDED_COLUMNS:
+            if name not in present:
+                try:
+                    self._db.execute(f"ALTER TABLE feedback ADD COLUMN {name} {kind}")
+                except sqlite3.OperationalError as error:  # another process added it meanwhile
+                    if "duplicate column" not in str(error):
+                        raise
 
     def close(self) -> None:
         with self._lock:
@@ -132,6 +156,26 @@ class Journal:
 
     def mark_trained(self, feedback_ids: list[str], version: int) -> None:
         self._update(feedback_ids, "trained", version, None)
+
+    def note_updates(self, rows: list[tuple[str | None, int, bool | None, str | None]]) -> None:
+        """``(feedback_id, steps, learnt, stop_reason)`` of an update that just ended (state unchanged)."""
+        rows = [row for row in rows if row[0] is not None]
+        if not rows:
+            return
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "UPDATE feedback SET steps = ?, learnt = ?, stop_reason = ?, updated_at = ? WHERE feedback_id = ?",
+                    [(steps, None if learnt is None else int(learnt), reason, now, feedback_id)
+                     for feedback_id, steps, learnt, reason in rows],
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
 
     def mark_rejected(self, feedback_ids: list[str], reason: str) -> None:
         self._update(feedback_ids, "rejected", None, reason)
@@ -188,6 +232,8 @@ def _record(row: sqlite3.Row) -> FeedbackRecord:
         prompt_ids=json.loads(row["prompt_ids"]), target_ids=json.loads(row["target_ids"]),
         served_version=row["served_version"], state=row["state"], trained_version=row["trained_version"],
         reason=row["reason"], created_at=row["created_at"], updated_at=row["updated_at"],
+        steps=row["steps"], learnt=None if row["learnt"] is None else bool(row["learnt"]),
+        stop_reason=row["stop_reason"],
     )
 
 

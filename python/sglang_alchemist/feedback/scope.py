@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter, deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -106,21 +106,21 @@ class Scope:
 
     # --- deciding ---------------------------------------------------------------------------
 
-    def covers(self, text: str, traffic: Traffic | None = None, also: Learnt | None = None) -> bool:
+    def covers(self, text: str, traffic: Traffic | None = None, also: Sequence[Learnt] = ()) -> bool:
         """Whether the served adapter should answer ``text`` (a request's whole prompt).
 
         ``traffic`` (the router's, kept across versions) learns the request's distinctive words
-        and says which ones most recent requests share. ``also``: one more learnt prompt (the
+        and says which ones most recent requests share. ``also``: more learnt prompts (the
         publish gate asks about a candidate version: the served scope plus its feedback).
         """
         request = self.describe(text)
         background = traffic.observe(request.keys) if traffic is not None else set()
         known = [key for key in request.keys if key not in background]
-        if any(key in self._by_key or (also is not None and key in also.keys) for key in known):
+        if any(key in self._by_key or any(key in extra.keys for extra in also) for key in known):
             return True
         nearest = self.nearest(request)
-        if also is not None:
-            nearest = max(nearest, sum(value * also.vector.get(word, 0.0) for word, value in request.vector.items()))
+        for extra in also:
+            nearest = max(nearest, sum(value * extra.vector.get(word, 0.0) for word, value in request.vector.items()))
         return nearest >= NEAR_REPEAT
 
     def nearest(self, request: Learnt) -> float:

@@ -68,6 +68,16 @@ class SampleActivations:
                 parts[name].append(tensor)
         return {name: tensors[0] if len(tensors) == 1 else torch.cat(tensors) for name, tensors in parts.items()}
 
+    def pin(self) -> SampleActivations | None:
+        """The rows still recorded, protected from eviction for a training step (None: none left);
+        ``unpin`` the result when the step is done."""
+        pinned = self.store.pin(self.views)
+        return SampleActivations(self.store, pinned, self.num_tokens) if pinned else None
+
+    def unpin(self) -> None:
+        self.store.release_prefetch(self.views)
+        self.store.unpin(self.views)
+
     def prefetch(self, layer: int, names: tuple[str, ...]) -> None:
         """CUDA: start bringing a host-tier layer to the device (on CPU both tiers are RAM)."""
         for view in self.live_views():

@@ -91,10 +91,14 @@ class ControlOps:
             kind=payload.get("kind", "correction"),
         )
         blocker = runtime.trainer.replay_blocker(item)
+        # serving's record is read for the frozen trunk's layers whatever its version, and replayed
+        # through the adapted layers too when made by the very weights being trained (no blocker)
+        recorded = sample is not None and sample.activations is not None and sample.activations.rows_recorded > 0
+        reusable = blocker is None or (recorded and runtime.trainer.trunk.enabled)
         queued = runtime.lane.enqueue(item)
         if not queued and sample is not None:
             runtime.samples.release_sample(sample)
-        return {"activations_reusable": queued and blocker is None, "replay_blocker": blocker, "queued": queued}
+        return {"activations_reusable": queued and reusable, "replay_blocker": blocker, "queued": queued}
 
     def drop(self, payload: dict[str, Any]) -> dict[str, Any]:
         """Feedback that is journaled but not trained (e.g. a reject with the 'skip' objective)."""

@@ -64,8 +64,10 @@ class PublisherCounters:
 
 class Publisher:
     def __init__(self, history: VersionHistory, journal: Journal, peft_config: Callable[[], dict],
-                 on_published: Callable[[VersionInfo], None]) -> None:
+                 on_published: Callable[[VersionInfo], None],
+                 note_weights: Callable[[int, AdapterSnapshot], None] | None = None) -> None:
         self.history = history
+        self.note_weights = note_weights  # the trainer learns which weights a version holds
         self.journal = journal
         self.peft_config = peft_config
         self.on_published = on_published
@@ -162,6 +164,8 @@ class Publisher:
                 tokens_trained=job.tokens, recent_loss=job.recent_loss,
             ))  # durable before the journal says "trained"
             job.version = version
+            if self.note_weights is not None:
+                self.note_weights(version, job.snapshot)
         self.journal.mark_trained(job.feedback_ids, job.version)
         info = self.history.versions[job.version]
         self.counters.published += 1

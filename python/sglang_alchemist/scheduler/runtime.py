@@ -38,6 +38,7 @@ from sglang_alchemist.scheduler.worker import TrainingWorker
 from sglang_alchemist.training.guard import GuardSet, load_user_probes
 from sglang_alchemist.training.hedging import layer_forward_flops, measure_rates
 from sglang_alchemist.training.lane_core import LearningCore
+from sglang_alchemist.training.learner_cache import guard_cache_path, model_fingerprint
 from sglang_alchemist.training.model_spec import FrozenModel
 from sglang_alchemist.training.sglang_weights import frozen_model_from_sglang
 from sglang_alchemist.training.trainer import TrainingItem
@@ -93,9 +94,10 @@ class AlchemistRuntime:
         tokenizer = view.tokenizer
         guard = _guard_set(tokenizer, config) if tokenizer is not None else None
         stop_ids = {tokenizer.eos_token_id} if tokenizer is not None and tokenizer.eos_token_id is not None else set()
+        fingerprint = model_fingerprint(view.model_path, str(self.dtype).replace("torch.", ""), geometry.num_layers)
         self.core = LearningCore(
             self.frozen, config, guard, stop_ids, self.state_dir, view.context_len,
-            guard_cache=self.state_dir / "guard" / f"answers-{_fingerprint(view, guard)}.json",
+            guard_cache=guard_cache_path(fingerprint, guard, self.state_dir) if guard is not None else None,
             history=self.history,
         )
         self.trainer = self.core.trainer
@@ -104,7 +106,7 @@ class AlchemistRuntime:
         # waiting out another process's lock (SQLite's busy timeout) never holds up this thread's reads.
         writer_journal = Journal(journal_path(self.state_dir))
         self.publisher = Publisher(self.history, writer_journal, self.trainer.adapter.peft_config,
-                                   self._announce_version)
+                                   self._announce_version, note_weights=self.trainer.note_published)
         self.lane = TrainingLane(self.core, writer_journal, self.publisher, config.publish_every,
                                  release_sample=self.samples.release_sample)
         cost = SliceCostModel(
@@ -177,8 +179,12 @@ class AlchemistRuntime:
             "event": "version_published", **self.version_payload(info.version)}))
 
     def _replayable(self, version: int) -> bool:
-        """Rows recorded with ``version`` could be replayed by the trainer (not too stale)."""
-        return self.history.staleness(version, limit=self.config.max_staleness) is not None
+        """Rows recorded with ``version`` could serve the trainer: always when a frozen trunk exists (its
+        layers are every version's), else only when exact enough for the adapted layers."""
+        if self.trainer.trunk.enabled:
+            return True
+        staleness = self.trainer.record_staleness(version)
+        return staleness is not None and staleness <= self.config.max_staleness
 
     def version_payload(self, version: int) -> dict:
         return {"version": version, "adapter": adapter_name(version),
@@ -317,13 +323,3 @@ def _guard_set(tokenizer, config: AlchemistConfig) -> GuardSet:
 
     user = load_user_probes(config.guard_file) if config.guard_file else []
     return GuardSet(chat_ids, encode, tokenizer.decode, user_probes=user)
-
-
-def _fingerprint(view: sglang_view.RunnerView, guard: GuardSet | None) -> str:
-    import hashlib
-
-    digest = hashlib.sha256(str(view.model_path).encode())
-    for name in ("num_hidden_layers", "hidden_size", "vocab_size"):
-        digest.update(str(getattr(view.hf_config, name, "")).encode())
-    return guard.cache_key(digest.hexdigest()) if guard is not None else digest.hexdigest()[:16]
-

@@ -1,10 +1,17 @@
-"""The training lane: queued feedback -> one update each (``LearningCore``), slice by slice -> versions.
+"""The training lane: queued feedback -> updates (``LearningCore``), slice by slice -> versions.
 
 The lane belongs to the training thread (``scheduler/worker.py``), which calls
 :meth:`TrainingLane.run` with a grant from the SLO controller; ``run`` advances the current
-update one slice at a time while the grant lasts, sizing every slice with the controller's
-cost model so that it fits the grant's longest slice. An update left unfinished continues at
-the next grant: no work is lost between serving batches.
+work one slice at a time while the grant lasts, sizing every slice with the controller's cost
+model so that it fits the grant's longest slice. Work left unfinished continues at the next
+grant: nothing is lost between serving batches.
+
+The first work of a fresh server is the learner's preparation (``LearningCore.prepare``: the
+guard's answers, the output anchor, the trunk's records of the rehearsal prompts), normally
+loaded in a moment from the cache ``scripts/setup.sh`` filled; feedback that arrives meanwhile
+is queued. Then each update takes the feedback waiting at the head of the queue, up to
+``--alchemist-feedback-batch`` items with different prompts, and trains them together: a burst
+of corrections is one update, not one after another.
 
 When an update finishes:
 
@@ -12,8 +19,13 @@ When an update finishes:
   the next version every ``--alchemist-publish-every`` accepted updates - and when the queue
   runs dry, so no trained feedback waits for a version while the server is idle. The journal
   marks the feedback ``trained`` once the version is durable (``scheduler/publisher.py``);
-- **rejected**: the weights are already back at the last accepted state; the feedback is
-  journaled ``rejected`` with the gate's reason, and training goes on from there.
+- **rejected**: the weights are already back at the last accepted state; a batch of several
+  items goes back to the queue to be trained one by one (so one bad correction does not take
+  the others with it); a single item is journaled ``rejected`` with the gate's reason, and
+  training goes on from there.
+
+Either way each item's journal record gets what its update did: the optimizer steps, whether
+the check found it learnt, why the update stopped.
 
 Items are queued by the scheduler thread (``enqueue`` never waits for a slice); every other
 change (rollback, debug gradients) takes :attr:`lock`, which the training thread holds only
@@ -24,6 +36,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import statistics
 import threading
 import time
 from collections import deque
@@ -54,6 +67,20 @@ class LaneCounters:
     slice_kinds: dict = field(default_factory=dict)
     last_update: dict | None = None
     feedback_to_version_s: list = field(default_factory=list)  # enqueue -> version submitted, recent
+    preparation_failures: int = 0
+    items_learnt: int = 0  # checked feedback the check found learnt when its update stopped
+    items_not_learnt: int = 0  # ... not learnt (the update hit --alchemist-passes or --alchemist-update-max-s)
+    steps_per_update: list = field(default_factory=list)  # recent
+    update_busy_s: list = field(default_factory=list)  # recent: training-thread seconds per update
+    batch_sizes: list = field(default_factory=list)  # recent: feedback items per update
+
+    def note(self, outcome) -> None:
+        self.items_learnt += sum(1 for learnt in outcome.learnt if learnt)
+        self.items_not_learnt += sum(1 for learnt in outcome.learnt if learnt is False)
+        for series, value in ((self.steps_per_update, outcome.passes), (self.update_busy_s, outcome.busy_seconds),
+                              (self.batch_sizes, len(outcome.items))):
+            series.append(value)
+            del series[:-100]
 
 
 class _Planner:
@@ -82,7 +109,9 @@ class TrainingLane:
         self._known: set[str] = set()
         self._known_lock = threading.Lock()
         self._update: Generator[SliceInfo, None, UpdateOutcome] | None = None
-        self._item: TrainingItem | None = None
+        self._items: list[TrainingItem] = []  # the current update's feedback
+        self._preparing: Generator[SliceInfo, None, None] | None = None
+        self.batch_size = max(1, getattr(core.config, "feedback_batch", 1))
         self._accepted: list[UpdateOutcome] = []  # accepted updates not yet handed to the publisher
         self.wake = threading.Event()
         self._jobs: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
@@ -124,7 +153,8 @@ class TrainingLane:
     def has_work(self) -> bool:
         if self.cluster is not None:
             return not self.paused and self.cluster.has_work()
-        return not self.paused and (self._update is not None or bool(self.queue) or bool(self._accepted))
+        return not self.paused and (self._update is not None or bool(self.queue) or bool(self._accepted)
+                                    or not self.core.ready)
 
     @property
     def step_in_progress(self) -> bool:
@@ -155,18 +185,18 @@ class TrainingLane:
     def _next_slice(self, planner) -> SliceInfo | None:
         if self.cluster is not None:
             return self.cluster.next_slice(planner)
+        if not self.core.ready:
+            return self._prepare_slice(planner)
         if self._update is None:
             if self._accepted and (not self.queue or len(self._accepted) >= self.publish_every):
                 return self._publish()
             if not self.queue or self.publisher.full:
                 return None
-            item = self.queue.popleft()
-            reason = self._unusable(item)
-            if reason is not None:
-                self._drop(item, reason)
-                return SliceInfo("drop", -1, 0)
-            self._item = item
-            self._update = self.core.update(item, planner)
+            items, dropped = self._take_batch()
+            if not items:
+                return SliceInfo("drop", -1, dropped)
+            self._items = items
+            self._update = self.core.update(items, planner)
         try:
             return next(self._update)
         except StopIteration as finished:
@@ -176,6 +206,43 @@ class TrainingLane:
             logger.exception("sglang_alchemist: a training update failed; its feedback is retried")
             self._abandon(failed=True)
             return SliceInfo("update_failed", -1, 0)
+
+    def _prepare_slice(self, planner) -> SliceInfo:
+        """One slice of the learner's preparation (before the first update; see the module doc)."""
+        if self._preparing is None:
+            self._preparing = self.core.prepare()
+        try:
+            return next(self._preparing)
+        except StopIteration:
+            self._preparing = None
+            logger.info("sglang_alchemist: the learner is ready (guard answers, anchor, trunk records)")
+            return SliceInfo("prepared", -1, 0)
+        except Exception:
+            self._preparing = None
+            self.counters.preparation_failures += 1
+            logger.exception("sglang_alchemist: preparing the learner failed; retrying")
+            return SliceInfo("prepare_failed", -1, 0)
+
+    def _take_batch(self) -> tuple[list[TrainingItem], int]:
+        """The next update's feedback: the head of the queue, up to ``batch_size`` items with different
+        prompts (a later answer to the same prompt waits for the next update: the latest one wins);
+        an item that was rejected in a batch trains alone. Returns the items and how many were dropped."""
+        items: list[TrainingItem] = []
+        prompts: set[tuple[int, ...]] = set()
+        dropped = 0
+        while self.queue and len(items) < self.batch_size:
+            item = self.queue[0]
+            if items and (item.alone or items[0].alone or tuple(item.prompt_ids) in prompts):
+                break
+            self.queue.popleft()
+            reason = self._unusable(item)
+            if reason is not None:
+                self._drop(item, reason)
+                dropped += 1
+                continue
+            items.append(item)
+            prompts.add(tuple(item.prompt_ids))
+        return items, dropped
 
     def _unusable(self, item: TrainingItem) -> str | None:
         if not item.target_ids:
@@ -190,23 +257,37 @@ class TrainingLane:
         self._release(item)
 
     def _finish(self, outcome: UpdateOutcome) -> None:
-        item = outcome.item
-        self._update, self._item = None, None
-        self._release(item)
+        items = outcome.items
+        self._update, self._items = None, []
+        for item in items:
+            self._release(item)
         self.counters.updates_completed += 1
+        self.counters.note(outcome)
         self.counters.last_update = outcome.public()
+        try:  # what the update did, on each record; informational: a full disk must not lose the update
+            self.journal.note_updates([(item.feedback_id, outcome.passes, learnt, outcome.stop_reason)
+                                       for item, learnt in zip(items, outcome.learnt, strict=True)])
+        except Exception as error:  # noqa: BLE001 - storage failures of any kind are logged the same way
+            logger.warning("sglang_alchemist: could not note an update in the journal: %s", error)
         if outcome.accepted:
             self._accepted.append(outcome)
-        else:
-            self.counters.updates_rejected += 1
-            self.journal.mark_rejected([item.feedback_id], outcome.gate.reason if outcome.gate else "gate")
-            logger.warning("sglang_alchemist: feedback %s not published: %s", item.feedback_id,
-                           outcome.gate.reason if outcome.gate else "gate")
+            return
+        self.counters.updates_rejected += 1
+        reason = outcome.gate.reason if outcome.gate else "gate"
+        if len(items) > 1:  # one item may be the cause: each trains alone, in its turn
+            for item in reversed(items):
+                item.alone = True
+                self.queue.appendleft(item)
+            logger.warning("sglang_alchemist: a batch of %d feedback items was not published (%s); "
+                           "each is trained alone", len(items), reason)
+            return
+        self.journal.mark_rejected([items[0].feedback_id], reason)
+        logger.warning("sglang_alchemist: feedback %s not published: %s", items[0].feedback_id, reason)
 
     def _publish(self) -> SliceInfo:
         accepted, self._accepted = self._accepted, []
         snapshot = self.core.good
-        items = [outcome.item for outcome in accepted]
+        items = [item for outcome in accepted for item in outcome.items]
         self.publisher.submit(PublishJob(
             snapshot=snapshot, feedback_ids=[item.feedback_id for item in items], samples=len(items),
             tokens=sum(len(item.target_ids) for item in items),
@@ -219,19 +300,18 @@ class TrainingLane:
         return SliceInfo(PUBLISH, -1, len(items))
 
     def _abandon(self, failed: bool) -> None:
-        """Put an unfinished update's item back (it is retried), restoring the last accepted weights."""
-        item = self._item
+        """Put an unfinished update's items back (they are retried), restoring the last accepted weights."""
+        items = self._items
         if self._update is not None:
             self._update.close()
-        self._update, self._item = None, None
+        self._update, self._items = None, []
         self.core.trainer.restore(self.core.good)
-        if item is None:
-            return
-        item.attempts += int(failed)
-        if item.attempts >= MAX_ATTEMPTS:
-            self._drop(item, "training_error")
-        else:
-            self.queue.appendleft(item)
+        for item in reversed(items):
+            item.attempts += int(failed)
+            if item.attempts >= MAX_ATTEMPTS:
+                self._drop(item, "training_error")
+            else:
+                self.queue.appendleft(item)
 
     def _release(self, item: TrainingItem) -> None:
         if item.sample is not None:
@@ -247,7 +327,7 @@ class TrainingLane:
         with self.lock:
             if self._update is not None:
                 self._abandon(failed=False)
-            dropped = [outcome.item.feedback_id for outcome in self._accepted]
+            dropped = [item.feedback_id for outcome in self._accepted for item in outcome.items]
             self._accepted = []
             self.journal.mark_dropped(dropped, "rolled_back")
             self.counters.items_dropped += len(dropped)
@@ -269,8 +349,19 @@ class TrainingLane:
             "slice_kinds": dict(self.counters.slice_kinds),
             "last_update": self.counters.last_update,
             "mean_feedback_to_version_s": sum(waits) / len(waits) if waits else None,
+            "learner": self.core.preparation(),
+            "items_learnt": self.counters.items_learnt,
+            "items_not_learnt": self.counters.items_not_learnt,
+            "median_steps_per_update": _median(self.counters.steps_per_update),
+            "median_update_busy_s": _median(self.counters.update_busy_s),
+            "mean_feedback_per_update": (sum(self.counters.batch_sizes) / len(self.counters.batch_sizes)
+                                         if self.counters.batch_sizes else None),
             "replay_memory": len(self.core.memory),
             "gate": self.core.gate_counters(),
             "publisher": self.publisher.status(),
             **({"cluster": self.cluster.status()} if self.cluster is not None else {}),
         }
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None

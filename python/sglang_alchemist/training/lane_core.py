@@ -1,12 +1,20 @@
-"""The learning loop without threads or SGLang: one update per feedback, the guard, the gate.
+"""The learning loop without threads or SGLang: one update per feedback batch, the guard, the gate.
 
-``LearningCore.update(item)`` is a generator of slices (like a training step) that trains one
-feedback item completely:
+``LearningCore.prepare()`` readies what every update reads - the base model's answers to the
+whole guard bank, the output anchor, the trunk's records of the rehearsal prompts - from the
+machine-wide cache ``scripts/setup.sh`` fills (``training/learner_cache.py``), computing what is
+missing; the lane runs it first, while the server is otherwise idle, and ``ready`` says when
+it is done.
+
+``LearningCore.update(items)`` is a generator of slices (like a training step) that trains a
+batch of feedback items (one, or several that waited together) completely:
 
 1. make sure the guard prompts it needs have the base model's answers (``training/guard.py``:
    computed once per prompt by greedy decoding with the adapter off, then cached);
 2. run the recipe's optimizer steps (``training/recipe.py``): the feedback plus replayed
-   earlier feedback plus rehearsed guard prompts, up to ``--alchemist-passes`` times;
+   earlier feedback plus rehearsed guard prompts, each step followed by a forward-only check of
+   whether the model now gives the feedback, until it does (or ``--alchemist-passes`` steps, or
+   ``--alchemist-update-max-s`` seconds of the training thread);
 3. **the publish gate**: answer the nearest gate prompts and the user's probes with the
    candidate (with ``--alchemist-adapter-scope feedback``, only the probes the candidate version
    would answer with its adapter: the base model answers the rest, unchanged); a probe
@@ -53,6 +61,7 @@ from sglang_alchemist.training.preserve import OutputAnchor, PreservedSubspaces
 from sglang_alchemist.training.recipe import FeedbackMemory, FeedbackUpdate, RecipeSettings, Remembered
 from sglang_alchemist.training.step import SliceInfo, SlicePlanner, run_to_completion
 from sglang_alchemist.training.trainer import AdapterSnapshot, Trainer, TrainerSettings, TrainingItem
+from sglang_alchemist.training.trunk import TrunkRecords, trunk_key, trunk_residuals
 from sglang_alchemist.training.versions import VersionHistory
 
 logger = logging.getLogger(__name__)
@@ -63,18 +72,28 @@ REPAIR_PASSES = 2  # optimizer steps per repair round
 
 @dataclass
 class UpdateOutcome:
-    item: TrainingItem
+    items: list[TrainingItem]
     accepted: bool
-    passes: int
-    losses: list[float]  # the feedback's loss per token at each pass
+    passes: int  # optimizer steps the update took (repairs included)
+    losses: list[float]  # the first feedback item's loss per token at each step
     gate: GateResult | None
-    seconds: float
-    paths: list[str] = field(default_factory=list)  # the feedback's path at each pass
+    seconds: float  # wall time from its first slice to its end
+    paths: list[str] = field(default_factory=list)  # the first feedback item's path at each step
+    learnt: list[bool | None] = field(default_factory=list)  # per item: the last check found it learnt
+    margins: list[float | None] = field(default_factory=list)  # per item: the last check's smallest margin
+    stop_reason: str | None = None  # learnt, max_steps, max_seconds
+    busy_seconds: float = 0.0  # training-thread seconds the update took
+
+    @property
+    def item(self) -> TrainingItem:
+        return self.items[0]
 
     def public(self) -> dict:
-        return {"feedback_id": self.item.feedback_id, "accepted": self.accepted, "passes": self.passes,
-                "losses": self.losses, "gate": self.gate.public() if self.gate else None,
-                "seconds": self.seconds, "paths": self.paths}
+        return {"feedback_ids": [item.feedback_id for item in self.items], "accepted": self.accepted,
+                "steps": self.passes, "learnt": self.learnt, "margins": self.margins,
+                "stop_reason": self.stop_reason, "losses": self.losses,
+                "gate": self.gate.public() if self.gate else None, "seconds": self.seconds,
+                "busy_seconds": self.busy_seconds, "paths": self.paths}
 
 
 @dataclass
@@ -94,7 +113,9 @@ class LearningCore:
         self.stop_ids = stop_ids
         self.history = history or VersionHistory.load(Path(state_dir or tempfile.mkdtemp()) / "adapters",
                                                       config.keep_checkpoints)
-        self.trainer = Trainer(model, TrainerSettings.from_config(config), self.history, max_positions, seed=seed)
+        self.trainer = Trainer(model, TrainerSettings.from_config(config, model.geometry.num_layers), self.history,
+                               max_positions, seed=seed)
+        self.max_update_s = getattr(config, "update_max_s", float("inf"))
         self.recipe = dataclasses.replace(RecipeSettings.from_config(config), **(recipe_overrides or {}))
         self.memory = FeedbackMemory(self.recipe.memory_size)
         self.rng = random.Random(seed)
@@ -123,33 +144,33 @@ class LearningCore:
         self.anchor_weight = config.anchor_weight if guard is not None else 0.0
         if self.anchor_weight > 0 and self._anchor_cache is not None:
             self.trainer.anchor = OutputAnchor.load(self._anchor_cache, model, self.anchor_weight)
+        self._prepared = False
+        self._preparing: dict = {}
 
     # --- one feedback -------------------------------------------------------------------------
 
-    def update(self, item: TrainingItem, planner: SlicePlanner | None = None) -> Generator[SliceInfo, None, UpdateOutcome]:
+    def update(self, items: list[TrainingItem] | TrainingItem, planner: SlicePlanner | None = None,
+               ) -> Generator[SliceInfo, None, UpdateOutcome]:
+        items = [items] if isinstance(items, TrainingItem) else list(items)
         started = time.monotonic()
-        words = self.guard.words_of(item.prompt_ids) if self.guard is not None else frozenset()
-        update = FeedbackUpdate(item, self.recipe, self.memory, self.guard, words, self.rng)
-        learnt = self.scope.describe(self.guard.decode(item.prompt_ids)) if self.scope is not None else None
+        words = frozenset().union(*(self.guard.words_of(item.prompt_ids) for item in items)) \
+            if self.guard is not None else frozenset()
+        update = FeedbackUpdate(items, self.recipe, self.memory, self.guard, words, self.rng, self.max_update_s)
+        learnt = [self.scope.describe(self.guard.decode(item.prompt_ids)) for item in items] \
+            if self.scope is not None else []
         probes = self._gate_probes(words, learnt)
         yield from self._ensure_answers([*update.rehearsal_prompts(), *probes])
-        yield from self.ensure_preservation()
+        yield from self.prepare()
         paths = []
         gate = None
         repairs = 0
         while True:
-            while (batch := update.next_batch()) is not None:
-                items, scales = batch
-                outcome = yield from self.trainer.step(items, scales, planner, first_pass=update.first_pass)
-                if self.subspaces is not None:
-                    self.subspaces.project(self.trainer.adapter)
-                update.observe(outcome)
-                paths.append(outcome.paths[0])
+            yield from self.train_steps(update, planner, paths)
             if not probes or self.gate_max_regressions < 0:
                 break
-            gate = yield from self._check(probes)
+            gate = yield from _timed(self._check(probes), update)
             gate.repairs = repairs
-            mend = self.to_repair(gate, item, repairs)
+            mend = self.to_repair(gate, items, repairs)
             if not mend:
                 break
             # rehearse what is broken, with the feedback still in every step, then check again
@@ -158,25 +179,53 @@ class LearningCore:
         accepted = gate is None or gate.passed
         if accepted:
             self.good = self.trainer.snapshot()
-            if learnt is not None and item.feedback_id is not None:
-                self.scope.add(learnt)
-            if item.feedback_id is not None:
+            for item, description in zip(items, learnt or [None] * len(items), strict=True):
+                if item.feedback_id is None:
+                    continue
+                if description is not None:
+                    self.scope.add(description)
                 self.memory.add(Remembered(item.feedback_id, item.prompt_ids, item.target_ids, item.objective,
-                                           item.weight, words))
+                                           item.weight, self.guard.words_of(item.prompt_ids)
+                                           if self.guard is not None else frozenset()))
         else:
             self.trainer.restore(self.good)
             self.gate.rejections += 1
-            self.gate.last_rejection = {"feedback_id": item.feedback_id, "at": time.time(), **gate.public()}
-        return UpdateOutcome(item, accepted, update.passes_done, update.losses, gate, time.monotonic() - started, paths)
+            self.gate.last_rejection = {"feedback_ids": [item.feedback_id for item in items], "at": time.time(),
+                                        **gate.public()}
+        return UpdateOutcome(items, accepted, update.passes_done, update.losses, gate, time.monotonic() - started,
+                             paths, learnt=[update.item_learnt(i) for i in range(len(items))],
+                             margins=[update.margins.get(i) for i in range(len(items))],
+                             stop_reason=update.stop_reason, busy_seconds=update.spent_s)
 
-    def to_repair(self, gate: GateResult, item: TrainingItem, repairs: int) -> list[GuardPrompt]:
+    def train_steps(self, update: FeedbackUpdate, planner: SlicePlanner | None, paths: list[str],
+                    ) -> Generator[SliceInfo, None, None]:
+        """The update's optimizer steps, each followed by the check of its feedback, until it stops."""
+        while (batch := update.next_batch()) is not None:
+            yield from self.one_step(update, batch, planner, paths)
+
+    def one_step(self, update: FeedbackUpdate, batch, planner: SlicePlanner | None, paths: list[str],
+                 sync_weight: float = 1.0) -> Generator[SliceInfo, None, None]:
+        """One optimizer step of ``update`` over ``batch`` (``next_batch``'s), then its check."""
+        items, scales = batch
+        outcome = yield from _timed(self.trainer.step(items, scales, planner, sync_weight=sync_weight), update)
+        if self.subspaces is not None:
+            self.subspaces.project(self.trainer.adapter)
+        update.observe(outcome)
+        paths.append(outcome.paths[0])
+        if update.checked and update.passes_done < update.max_passes:
+            results = yield from _timed(self.trainer.check(update.checked, planner), update)
+            update.observe_check(results)
+        elif update.checked:  # the last allowed step: check once more, to report what it reached
+            update.observe_check((yield from _timed(self.trainer.check(update.checked, planner), update)))
+
+    def to_repair(self, gate: GateResult, items: list[TrainingItem], repairs: int) -> list[GuardPrompt]:
         """The probes a repair round should rehearse after ``gate``; empty: the verdict stands.
 
         An accept teaches nothing new: one that regresses probes is not worth repairing, only
         refusing. A correction or a reject is repaired while rounds are left, when it regressed
         probes or when probes the served version had already lost are near it (healing them).
         """
-        if item.kind == "accept" or repairs >= self.gate_repairs:
+        if all(item.kind == "accept" for item in items) or repairs >= self.gate_repairs:
             return []
         if gate.passed and not gate.inherited_prompts:
             return []
@@ -186,7 +235,7 @@ class LearningCore:
                        kind: str = "correction", objective: str = "sft") -> dict:
         """Train one feedback item at once (offline use: benchmarks, tests)."""
         item = TrainingItem(feedback_id, list(prompt_ids), list(target_ids), objective, kind=kind)
-        return run_to_completion(self.update(item)).public()
+        return run_to_completion(self.update([item])).public()
 
     def remember(self, feedback_id: str, prompt_ids: list[int], target_ids: list[int], objective: str,
                  weight: float) -> None:
@@ -205,9 +254,9 @@ class LearningCore:
 
     # --- guard --------------------------------------------------------------------------------
 
-    def _gate_probes(self, words: frozenset[str], learnt: Learnt | None = None) -> list[GuardPrompt]:
+    def _gate_probes(self, words: frozenset[str], learnt: list[Learnt] = ()) -> list[GuardPrompt]:
         """The nearest bank gate questions and the user's probes; with a scope, only those the
-        candidate (the served scope plus ``learnt``, this feedback's prompt) answers with its adapter."""
+        candidate (the served scope plus ``learnt``, this update's feedback prompts) answers with its adapter."""
         if self.guard is None or self.gate_max_regressions < 0:
             return []
         probes = [*self.guard.nearest(words, "gate", self.gate_probes, keyed=True), *self.guard.user_probes]
@@ -261,28 +310,82 @@ class LearningCore:
             return None
         return self.guard_cache.with_name(self.guard_cache.stem + "-anchor.pt")
 
-    def ensure_preservation(self) -> Generator[SliceInfo, None, None]:
-        """One-off, before the first update: the output anchor and/or the preserved subspaces.
+    @property
+    def _trunk_cache(self) -> Path | None:
+        if self.guard_cache is None:
+            return None
+        return self.guard_cache.with_name(self.guard_cache.stem + f"-trunk-{self.trainer.adapter.first_layer}.pt")
 
-        Both read the base model's answers to the whole bank (computed once, then cached).
+    @property
+    def ready(self) -> bool:
+        """Whether ``prepare`` has nothing left to do (every update then starts training at once)."""
+        return self._prepared
+
+    def preparation(self) -> dict:
+        """Where ``prepare`` stands (status: ``training.learner``)."""
+        return {"ready": self._prepared, **self._preparing}
+
+    def prepare(self) -> Generator[SliceInfo, None, None]:
+        """Everything an update reads ahead of time, computed once per model and cached.
+
+        The base model's answers to the whole guard bank (rehearsal targets, gate probes), the
+        output anchor and/or the preserved subspaces (both read those answers), and the trunk's
+        records of the bank's rehearsal prompts. ``scripts/setup.sh`` computes them for the default
+        model into the machine-wide cache (``training/learner_cache.py``), where a fresh server
+        finds them; for another model the lane runs this before its first update, while the server
+        is otherwise idle, and status says when it is done. Feedback arriving meanwhile is
+        journaled and queued as always.
         """
-        need_anchor = self.anchor_weight > 0 and self.trainer.anchor is None
-        need_subspaces = self.preserve_energy > 0 and self.subspaces is None
-        if not (need_anchor or need_subspaces):
+        if self._prepared:
+            return
+        if self.guard is None:
+            self._prepared = True
             return
         bank = [p for p in self.guard.prompts if p.pool != "user"]
-        yield from self._ensure_answers(bank)
+        unanswered = [p for p in bank if p.answer_ids is None or p.teacher is None or p.base_flips is None]
+        self._preparing = {"stage": "guard_answers", "done": len(bank) - len(unanswered), "of": len(bank)}
+        for start in range(0, len(unanswered), GUARD_BATCH):
+            yield from self._ensure_answers(unanswered[start : start + GUARD_BATCH])
+            self._preparing["done"] = min(len(bank), self._preparing["done"] + GUARD_BATCH)
         sequences = [p.prompt_ids + p.answer_ids for p in bank if p.answer_ids]
-        if need_anchor:
+        if self.anchor_weight > 0 and self.trainer.anchor is None:
+            self._preparing = {"stage": "output_anchor"}
             anchor = yield from OutputAnchor.compute(self.model, sequences, self.anchor_weight)
             self.trainer.anchor = anchor
             logger.info("sglang_alchemist: output anchor ready (mean covariance rank %s)", anchor.rank())
             self._cache(anchor, self._anchor_cache)
-        if need_subspaces:
+        if self.preserve_energy > 0 and self.subspaces is None:
+            self._preparing = {"stage": "preserved_subspaces"}
             self.subspaces = yield from PreservedSubspaces.compute(self.model, sequences, self.preserve_energy,
                                                                     max_rank=3 * self.model.geometry.hidden_size // 4)
             logger.info("sglang_alchemist: knowledge-preserving subspaces ready (mean rank %s)", self.subspaces.rank())
             self._cache(self.subspaces, self._subspace_cache)
+        yield from self._prepare_trunk([p for p in bank if p.pool == "rehearsal" and p.answer_ids])
+        self._preparing = {}
+        self._prepared = True
+
+    def _prepare_trunk(self, prompts: list[GuardPrompt]) -> Generator[SliceInfo, None, None]:
+        """The trunk's records of the rehearsal prompts with their base answers (pinned: every update uses them)."""
+        trunk = self.trainer.trunk
+        if not trunk.enabled:
+            return
+        keys = [trunk_key(p.prompt_ids, p.answer_ids) for p in prompts]
+        cached = TrunkRecords.load_file(self._trunk_cache) if self._trunk_cache is not None else {}
+        missing = [key for key in keys if key not in cached]
+        self._preparing = {"stage": "trunk_records", "done": len(keys) - len(missing), "of": len(keys)}
+        computed = {}
+        for start in range(0, len(missing), GUARD_BATCH):
+            batch = missing[start : start + GUARD_BATCH]
+            rows = yield from trunk_residuals(self.model, [list(key) for key in batch], trunk.first_layer)
+            computed.update(zip(batch, rows, strict=True))
+            self._preparing["done"] += len(batch)
+        for key in keys:
+            trunk.put(key, computed[key] if key in computed else cached[key], pinned=True)
+        if computed and self._trunk_cache is not None:
+            try:
+                TrunkRecords.save_file(self._trunk_cache, {key: computed.get(key, cached.get(key)) for key in keys})
+            except OSError as error:  # a full disk costs a recomputation after a restart, nothing more
+                logger.warning("sglang_alchemist: could not cache %s: %s", self._trunk_cache.name, error)
 
     @staticmethod
     def _cache(statistics, path: Path | None) -> None:
@@ -380,3 +483,16 @@ class LearningCore:
     def gate_counters(self) -> dict:
         return {"checks": self.gate.checks, "rejections": self.gate.rejections,
                 "last_rejection": self.gate.last_rejection}
+
+
+def _timed(work: Generator[SliceInfo, None, object], update: FeedbackUpdate) -> Generator[SliceInfo, None, object]:
+    """Run ``work``, adding the time it computes (not the pauses between its slices) to ``update.spent_s``."""
+    while True:
+        started = time.perf_counter()
+        try:
+            info = next(work)
+        except StopIteration as finished:
+            update.spent_s += time.perf_counter() - started
+            return finished.value
+        update.spent_s += time.perf_counter() - started
+        yield info

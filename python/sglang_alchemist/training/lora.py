@@ -7,6 +7,12 @@ Kaiming-uniform and ``B`` at zero (PEFT's default), so a fresh adapter changes n
 Parameters stay fp32 whatever the model's dtype (they are cast per matmul), so small updates
 are not lost to bf16 rounding.
 
+**Adapted layers.** ``first_layer`` (``--alchemist-lora-layers``) leaves the decoder layers below it
+without an adapter: they never change, whatever the version, so the residual stream entering
+``first_layer`` is a permanent, exact record of them (``training/trunk.py``) and training starts
+there. The checkpoint then lists ``layers_to_transform`` (PEFT adapts only those layers; SGLang
+zero-fills the LoRA buffers of layers a checkpoint does not name).
+
 Checkpoints are PEFT's own layout (``adapter_config.json`` + ``adapter_model.safetensors`` with
 ``base_model.model.model.layers.N.self_attn.q_proj.lora_A.weight`` names): ``peft`` loads them,
 and SGLang's LoRA manager loads them for serving.
@@ -31,10 +37,14 @@ class LoraSpec:
     rank: int
     alpha: float
     target_modules: tuple[str, ...]
+    first_layer: int = 0  # decoder layers below it have no adapter (the frozen trunk)
 
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    def adapted_layers(self, num_layers: int) -> range:
+        return range(self.first_layer, num_layers)
 
 
 def module_shapes(geometry) -> dict[str, tuple[int, int]]:
@@ -59,10 +69,12 @@ class LoraAdapter:
         self.geometry = geometry
         shapes = module_shapes(geometry)
         generator = torch.Generator(device="cpu").manual_seed(seed)
+        if not 0 <= spec.first_layer < geometry.num_layers:
+            raise ValueError(f"first adapted layer {spec.first_layer} outside the model's {geometry.num_layers} layers")
         self.params: list[dict[str, tuple[torch.nn.Parameter, torch.nn.Parameter]]] = []
-        for _ in range(geometry.num_layers):
+        for index in range(geometry.num_layers):
             layer = {}
-            for module in spec.target_modules:
+            for module in spec.target_modules if index >= spec.first_layer else ():
                 out_features, in_features = shapes[module]
                 a = torch.empty(spec.rank, in_features)
                 # PEFT: nn.init.kaiming_uniform_(A, a=sqrt(5)) -> bound = 1/sqrt(in_features)
@@ -74,6 +86,10 @@ class LoraAdapter:
                     torch.nn.Parameter(b.to(device)),
                 )
             self.params.append(layer)
+
+    @property
+    def first_layer(self) -> int:
+        return self.spec.first_layer
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for layer in self.params for pair in layer.values() for p in pair]
@@ -116,7 +132,7 @@ class LoraAdapter:
                     b.copy_(state[f"{prefix}.lora_B.weight"])
 
     def peft_config(self, base_model_name_or_path: str = "") -> dict:
-        return {
+        config = {
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
             "base_model_name_or_path": base_model_name_or_path,
@@ -130,6 +146,9 @@ class LoraAdapter:
             "init_lora_weights": True,
             "inference_mode": True,
         }
+        if self.first_layer > 0:
+            config["layers_to_transform"] = list(self.spec.adapted_layers(self.geometry.num_layers))
+        return config
 
     def save_peft(self, directory: Path, base_model_name_or_path: str = "") -> Path:
         """Write a PEFT checkpoint atomically (a half-written folder never looks complete)."""

@@ -1,13 +1,13 @@
-"""The learning recipe: what one feedback trains, so that one correction teaches a fact and nothing else.
+"""The learning recipe: what feedback trains, so that one correction teaches a fact and nothing else.
 
 Measured on invented facts (``benchmark/learning_sweep.py``, tuned on one split of
 ``benchmark/data/facts.json`` and reported on the other; see docs/NOTES.md), a single SGD step
 per feedback does not teach a fact, and repeated steps on the feedback alone teach it but make
 the model forget the earlier facts and answer neighbouring questions with the new fact's
-template. A feedback therefore becomes an **update** of up to ``--alchemist-passes`` optimizer
-steps, each over one batch of:
+template. Feedback therefore becomes an **update**: optimizer steps, each over one batch of
 
-- the feedback itself (weight 1);
+- the feedback items themselves (weight 1 each): one, or when several wait, up to
+  ``--alchemist-feedback-batch`` trained together;
 - ``--alchemist-replay-feedback`` *earlier* feedback items (experience replay: keeps earlier
   facts; half of them the most similar to this feedback, half at random);
 - ``--alchemist-rehearsal`` guard prompts with the base model's own answers, the nearest ones
@@ -15,18 +15,22 @@ steps, each over one batch of:
   feedback touches).
 
 Each item's loss is its mean per-token loss times its weight, normalised by the batch's total
-weight, so short corrections and long rehearsal answers count alike. The update stops early
-once the feedback's own loss per token is below ``--alchemist-pass-stop-loss``. When the publish
-gate finds guard probes regressed, ``repair`` adds them to the rehearsal of a few more steps
-(``--alchemist-gate-repairs`` rounds) before the gate decides. An *accept* is
-one pass: the model already said it, there is nothing new to learn, only to reinforce (and the
-pass still replays earlier feedback and rehearses, which is what keeps earlier facts alive
-through a long run of accepts).
+weight, so short corrections and long rehearsal answers count alike. **An update trains until
+its feedback is learnt**: after every step a forward-only check (``Trainer.check``) asks whether
+greedy decoding now gives each correction word for word, end of turn included, with a margin
+(:func:`learnt`; for a reject: no longer gives the rejected answer), and the update stops once
+every item is - or after ``--alchemist-passes`` steps, or ``--alchemist-update-max-s`` seconds
+of the training thread, whichever comes first; each feedback's journal record says how many
+steps it took and whether it was learnt. A fixed number of steps (4, before) stopped with the
+correction's loss still high, and the user who corrected an answer got a wrong one back from the
+version that contained it. When the publish gate finds guard probes regressed, ``repair`` adds
+them to the rehearsal of a few more steps (``--alchemist-gate-repairs`` rounds) before the gate
+decides. An *accept* is one step: the model already said it, there is nothing new to learn, only
+to reinforce (and the step still replays earlier feedback and rehearses, which is what keeps
+earlier facts alive through a long run of accepts).
 
-The first pass replays the feedback's recorded prompt rows (exact: recorded with the weights
-it starts from); later passes compute them, because after one step the records are stale (the
-measured gradient error, in docs/NOTES.md, is too large to replay them). Earlier feedback and
-rehearsal items have no records (their prompts are short chat questions).
+Where the rows come from is the trainer's business (``trainer.py``): the frozen trunk's record
+makes every step, check, replayed feedback and rehearsal start at the first adapted layer.
 """
 
 from __future__ import annotations
@@ -42,7 +46,6 @@ from sglang_alchemist.training.trainer import StepOutcome, TrainingItem
 @dataclass(frozen=True)
 class RecipeSettings:
     passes: int
-    stop_loss: float
     replay: int
     rehearsal: int
     replay_weight: float = 1.0
@@ -51,11 +54,12 @@ class RecipeSettings:
     memory_size: int = 10_000
     rehearsal_objective: str = "distill"
     rehearsal_pool: int = 4  # the nearest ``rehearsal_pool * rehearsal`` guard prompts are drawn from
+    learnt_margin: float = 1.0  # see :func:`learnt` (infinite: every update runs all its steps)
 
     @classmethod
     def from_config(cls, config) -> RecipeSettings:
-        return cls(passes=config.passes, stop_loss=config.pass_stop_loss, replay=config.replay_feedback,
-                   rehearsal=config.rehearsal, rehearsal_objective=config.rehearsal_objective)
+        return cls(passes=config.passes, replay=config.replay_feedback, rehearsal=config.rehearsal,
+                   rehearsal_objective=config.rehearsal_objective)
 
 
 @dataclass
@@ -107,13 +111,15 @@ class FeedbackMemory:
         self._ids -= drop
 
     def pick(self, words: frozenset[str], count: int, similar_share: float, rng: random.Random,
-             exclude: str | None = None, superseding: tuple[list[int], str] | None = None) -> list[Remembered]:
+             exclude: set[str] | frozenset[str] = frozenset(),
+             superseding: list[tuple[list[int], str]] = ()) -> list[Remembered]:
         """Up to ``count`` remembered items, ``similar_share`` of them the most similar to ``words``.
 
-        ``superseding`` (the current item's prompt and objective) leaves out what it replaces.
+        ``exclude``: feedback ids left out (the ones being trained); ``superseding`` (the current
+        items' prompts and objectives) leaves out what they replace.
         """
-        pool = [item for item in self.items if item.feedback_id != exclude
-                and not (superseding and item.superseded_by(*superseding))]
+        pool = [item for item in self.items if item.feedback_id not in exclude
+                and not any(item.superseded_by(*pair) for pair in superseding)]
         if count <= 0 or not pool:
             return []
         similar = round(count * similar_share)
@@ -128,23 +134,41 @@ class FeedbackMemory:
 
 
 class FeedbackUpdate:
-    """The optimizer steps one feedback item trains (``next_batch`` until it returns None)."""
+    """The optimizer steps that train a batch of feedback items until the model gives them.
 
-    def __init__(self, item: TrainingItem, settings: RecipeSettings, memory: FeedbackMemory,
-                 guard: GuardSet | None, words: frozenset[str], rng: random.Random) -> None:
-        self.item = item
+    ``next_batch`` until it returns None; after each step the lane calls ``observe`` with the
+    step's outcome and, for corrections and rejects, ``observe_check`` with a forward-only check
+    of the feedback items under the new weights (``Trainer.check``). The update stops when every
+    item is *learnt* (:func:`learnt`), after ``--alchemist-passes`` steps, or once its own
+    training-thread time passes ``--alchemist-update-max-s`` (``spent_s``, kept by the caller).
+    """
+
+    def __init__(self, items: list[TrainingItem], settings: RecipeSettings, memory: FeedbackMemory,
+                 guard: GuardSet | None, words: frozenset[str], rng: random.Random,
+                 max_seconds: float = float("inf")) -> None:
+        self.items = items
         self.settings = settings
         self.memory = memory
         self.guard = guard
         self.words = words
         self.rng = rng
+        self.max_seconds = max_seconds
+        self.spent_s = 0.0  # training-thread seconds of this update so far (the caller adds them)
         self.passes_done = 0
-        self.losses: list[float] = []
+        self.losses: list[float] = []  # the first feedback item's loss per token at each step
+        self.learnt: dict[int, bool] = {}  # item index -> the last check found its target given
+        self.margins: dict[int, float] = {}  # item index -> the last check's smallest margin
+        self.stop_reason: str | None = None
         self._stopped = False
+        # the nearest rehearsal prompts to the batch's feedback, a pool of ``rehearsal_pool`` per draw
         self._rehearsal_pool = (guard.nearest(words, "rehearsal", settings.rehearsal_pool * settings.rehearsal)
                                 if guard else [])
         self._repair: list = []  # guard probes this update broke: rehearsed in every later step
-        self.max_passes = 1 if item.kind == "accept" else settings.passes
+        self.max_passes = 1 if all(item.kind == "accept" for item in items) else settings.passes
+
+    @property
+    def item(self) -> TrainingItem:
+        return self.items[0]
 
     def repair(self, prompts: list, passes: int) -> None:
         """The publish gate found ``prompts`` regressed: ``passes`` more steps rehearse them with the rest."""
@@ -152,20 +176,27 @@ class FeedbackUpdate:
         self._repair += [p for p in prompts if id(p) not in known and p.answer_ids]
         self.max_passes = self.passes_done + passes
         self._stopped = False
+        self.stop_reason = None
 
     def rehearsal_prompts(self):
         """The guard prompts this update may rehearse (their base answers must exist)."""
         return self._rehearsal_pool
 
     def next_batch(self) -> tuple[list[TrainingItem], list[float]] | None:
-        if self._stopped or self.passes_done >= self.max_passes:
+        if self._stopped:
+            return None
+        if self.passes_done >= self.max_passes:
+            self.stop_reason = self.stop_reason or "max_steps"
+            return None
+        if self.passes_done and self.spent_s >= self.max_seconds and not self._repair:
+            self.stop_reason = "max_seconds"
             return None
         settings = self.settings
-        items = [self.item]
-        weights = [1.0]
+        items = list(self.items)
+        weights = [1.0] * len(items)
+        ids = {item.feedback_id for item in self.items}
         for old in self.memory.pick(self.words, settings.replay, settings.replay_similar_share, self.rng,
-                                    exclude=self.item.feedback_id,
-                                    superseding=(self.item.prompt_ids, self.item.objective)):
+                                    exclude=ids, superseding=[(i.prompt_ids, i.objective) for i in self.items]):
             items.append(TrainingItem(None, old.prompt_ids, old.target_ids, old.objective, old.weight, role="replay"))
             weights.append(settings.replay_weight)
         ready = [p for p in self._rehearsal_pool if p.answer_ids]
@@ -180,11 +211,46 @@ class FeedbackUpdate:
 
     def observe(self, outcome: StepOutcome) -> None:
         self.passes_done += 1
-        loss = outcome.losses[0]
-        self.losses.append(loss)
-        if self.settings.stop_loss > 0 and loss < self.settings.stop_loss:
+        self.losses.append(outcome.losses[0])
+
+    @property
+    def checked(self) -> list[TrainingItem]:
+        """The items a check follows each step for: all but accepts (an accept is one reinforcing step)."""
+        return [item for item in self.items if item.kind != "accept"]
+
+    def observe_check(self, results) -> None:
+        """``results``: ``Trainer.check(self.checked)``, under the weights after the last step."""
+        checked = [index for index, item in enumerate(self.items) if item.kind != "accept"]
+        for index, result in zip(checked, results, strict=True):
+            self.learnt[index] = learnt(self.items[index].objective, result.margins, self.settings.learnt_margin)
+            if result.margins:
+                self.margins[index] = min(result.margins)
+        if checked and all(self.learnt.get(index) for index in checked):
             self._stopped = True
+            self.stop_reason = "learnt"
+
+    def item_learnt(self, index: int) -> bool | None:
+        """Whether item ``index`` was learnt when the update stopped (None: not checked, an accept)."""
+        return self.learnt.get(index)
 
     @property
     def first_pass(self) -> bool:
         return self.passes_done == 0
+
+
+def learnt(objective: str, margins: list[float] | None, margin: float = 1.0) -> bool:
+    """Whether the model now gives a feedback's answer, from a teacher-forced check.
+
+    A wanted answer (``sft``: correction, accept, external) is learnt when greedy decoding
+    reproduces every one of its tokens, the end of turn included, each ahead of the next-best
+    token by ``margin`` (logits): then a greedy request of the same prompt gets exactly that answer,
+    with room for the serving engine's own rounding. A rejected answer (``unlikelihood``) is
+    learnt when greedy decoding leaves it somewhere: at some position another token leads it by
+    that margin. Without margins (tensor parallelism) nothing counts as learnt: the update runs
+    its full ``--alchemist-passes``.
+    """
+    if not margins:
+        return False
+    if objective == "unlikelihood":
+        return min(margins) < -margin
+    return min(margins) > margin

@@ -10,6 +10,8 @@ layers can be marked as living in a (simulated or real) host tier to exercise he
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from sglang_alchemist.memory.records import LAYER_TENSORS
@@ -73,6 +75,28 @@ class InMemoryActivations:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.values())
+
+    @property
+    def rows_recorded(self) -> int:
+        return sum(end - start for start, end in self._segments)
+
+    def pin(self) -> InMemoryActivations | None:
+        return self if self._segments else None  # nothing to protect: no eviction here
+
+    def unpin(self) -> None:
+        return None
+
+
+@dataclass
+class ReferenceSample:
+    """A served request as the trainer sees it (``memory.samples.ServedSample``'s protocol), recorded here."""
+
+    prompt_ids: list[int]
+    adapter_version: int
+    activations: InMemoryActivations | None
+
+    def replay_blocker(self) -> str | None:
+        return None if self.activations is not None else "not_recorded"
 
 
 @torch.no_grad()

@@ -18,6 +18,17 @@ prompt is never run forward where serving already did it:
    the last prompt row and the target rows): only their keys' and values' backward runs
    (``replay.replay_key_rows_backward``; slice kind ``replay_keys``).
 
+**The frozen trunk.** With the adapter on layers ``k..L-1`` only (``adapter.first_layer``), layers
+below ``k`` never change, so the residual entering layer ``k`` of every row (prompt and target)
+is the same for every version, pass and item: ``Example.trunk``, when the trainer has it
+(``training/trunk.py``), replaces the forward of layers ``0..k-1`` entirely. Without it those
+layers run forward only (no record kept: nothing below ``k`` is trained), replaying the prompt
+rows serving recorded (any version: the trunk is the base model's), and the residual reaching
+layer ``k`` is handed back (``SampleResult.trunk``) for every later use. The backward stops at
+layer ``k``. In the adapted layers the serving record is replayed only where it is *exact*
+(``Example.record_exact``: made by the very weights being trained); otherwise every row is
+filled from the trunk.
+
 Why the target rows are filled and replayed rather than run through autograd: one replay over
 ``P + T`` rows does the target rows' backward in the same large products as the prompt's
 (a separate autograd graph of the few target rows ran small, slow matrix products and kept a
@@ -131,6 +142,11 @@ class Example:
     weight: float = 1.0
     activations: RecordedActivations | None = None  # None: every prompt row is filled
     teacher: Teacher | None = None  # the ``distill`` objective's base distributions, one row per target
+    # the residual entering the first adapted layer, every row (prompt + target stream): [N, hidden]
+    trunk: torch.Tensor | None = None
+    # ``activations`` were made by the weights being trained: replay them in the adapted layers too
+    # (False: they serve the trunk's layers only)
+    record_exact: bool = True
 
     @property
     def num_target_tokens(self) -> int:
@@ -151,13 +167,24 @@ class SliceInfo:
 class SampleResult:
     loss: float
     target_tokens: int
-    path: str  # "replay" (some prompt rows replayed from records) or "recompute" (none)
-    rows_replayed: int = 0  # prompt rows whose record came from serving
-    rows_filled: int = 0  # prompt rows computed by the trainer
+    # "replay": some prompt rows replayed from serving's exact record in the adapted layers;
+    # "trunk": every row entered the adapted layers from the trunk's record; "recompute": neither
+    path: str
+    rows_replayed: int = 0  # prompt rows replayed from serving's exact record in the adapted layers
+    rows_filled: int = 0  # prompt rows the trainer computed in the adapted layers
     layers_recomputed: int = 0  # hedging: layers recomputed from their input during a replay
     layers_reloaded: int = 0  # hedging: layers whose record came back from the host tier
     peak_filled_bytes: int = 0  # the trainer's own record of the filled rows, at its largest
     slices: list[SliceInfo] = field(default_factory=list)
+    # reuse: row-layer forwards the sample needed (rows x layers) and how many came from records
+    layer_rows: int = 0
+    layer_rows_reused: int = 0
+    trunk: torch.Tensor | None = None  # the residual entering the first adapted layer, when computed here
+    # per target token: the model's greedy prediction equals it, and by how much (logit margin over
+    # the best other token); None under tensor parallelism (sharded logits)
+    agree: list[bool] | None = None
+    margins: list[float] | None = None
+    staleness: int | None = None  # versions behind the trained weights of the record replayed (0: exact)
 
 
 def sample_step(
@@ -168,22 +195,32 @@ def sample_step(
     hedge: HedgePolicy | None = None,
     planner: SlicePlanner | None = None,
     tp: TensorParallel | None = None,
+    forward_only: bool = False,
 ) -> Generator[SliceInfo, None, SampleResult]:
     """Forward and backward of one sample, yielding after each slice (see the module doc).
 
     ``tp``: this rank's tensor-parallel group; ``model``/``adapter``/``example.activations`` are
     then the rank's shards, and every rank of the group runs the same sample in lockstep.
+    ``forward_only``: stop after the head (the loss and the greedy agreement, no gradient): the
+    learning recipe's check of whether the model already gives the target.
     """
     tp = active_tp(tp)
     planner = planner or WholeLayers()
     if tp is not None and not isinstance(planner, WholeLayers):  # a cost model's answers differ by rank
         planner = AgreedPlanner(planner, tp)
-    state = _SampleState(model, adapter, example, loss_scale, hedge, planner, tp)
-    for layer in range(model.geometry.num_layers):
+    state = _SampleState(model, adapter, example, loss_scale, hedge, planner, tp, forward_only)
+    first, layers = adapter.first_layer, model.geometry.num_layers
+    if example.trunk is None:
+        for layer in range(first):  # the frozen trunk, forward only
+            yield from state.forward_layer(layer, keep=False)
+    state.enter_adapted_layers(first)
+    for layer in range(first, layers):
         yield from state.forward_layer(layer)
     yield from state.head()
-    for layer in reversed(range(model.geometry.num_layers)):
-        yield from state.backward_layer(layer)
+    if forward_only:
+        return state.result
+    for layer in reversed(range(first, layers)):
+        yield from state.backward_layer(layer, need_input_grad=layer > first)
     return state.result
 
 
@@ -201,9 +238,11 @@ class _SampleState:
     """
 
     def __init__(self, model: FrozenModel, adapter: LoraAdapter, example: Example, loss_scale: float,
-                 hedge: HedgePolicy | None, planner: SlicePlanner, tp: TensorParallel | None = None) -> None:
+                 hedge: HedgePolicy | None, planner: SlicePlanner, tp: TensorParallel | None = None,
+                 forward_only: bool = False) -> None:
         self.model, self.adapter, self.example = model, adapter, example
         self.loss_scale, self.hedge, self.planner, self.tp = loss_scale, hedge, planner, tp
+        self.forward_only = forward_only
         device = model.device
         self.prompt = torch.tensor(example.prompt_ids, device=device)
         self.targets = torch.tensor(example.target_ids, device=device)
@@ -223,18 +262,15 @@ class _SampleState:
             position = end
         if position < self.num_prompt:
             self.runs.append((position, self.num_prompt, False))
-        self.last_prompt_run = self.runs[-1]
         if self.stream_len:
             self.runs.append((self.num_prompt, self.num_rows, False))
-        rows_replayed = sum(end - start for start, end in recorded)
-        self.result = SampleResult(
-            loss=0.0, target_tokens=self.num_target, path="replay" if rows_replayed else "recompute",
-            rows_replayed=rows_replayed, rows_filled=self.num_prompt - rows_replayed,
-        )
+        self.result = SampleResult(loss=0.0, target_tokens=self.num_target, path="recompute",
+                                   layer_rows=self.num_rows * model.geometry.num_layers)
         # filled rows: the residual entering the current layer, and each layer's record rows
-        self.fill_x = {start: embed_tokens(model, self._ids(start, end), tp) for start, end, rec in self.runs
-                       if not rec}
-        self.filled: list[dict[int, LayerTensors]] = []
+        if example.trunk is None:
+            self.fill_x = {start: embed_tokens(model, self._ids(start, end), tp) for start, end, rec in self.runs
+                           if not rec}
+        self.filled: dict[int, dict[int, LayerTensors]] = {}
         self._filled_bytes = 0
         self.grad_rows: torch.Tensor | None = None  # gradient of the current layer's output residual
         self.live_from = 0  # rows before it have a zero ``grad_rows`` (only the last layer's, see head)
@@ -253,7 +289,8 @@ class _SampleState:
 
     # ---- 1. forward ------------------------------------------------------------------------
 
-    def forward_layer(self, layer: int) -> Generator[SliceInfo, None, None]:
+    def forward_layer(self, layer: int, keep: bool = True) -> Generator[SliceInfo, None, None]:
+        """One layer's forward of every unrecorded run; ``keep``: hold its record for the backward."""
         model, geometry = self.model, self.model.geometry
         weights = model.layers[layer]
         lora, scale = self._layer_lora(layer)
@@ -284,11 +321,49 @@ class _SampleState:
                 outputs.append(output.out)
                 records.append(output.intermediates)
                 yield self._note(SliceInfo(kind, layer, end - start, end))
-            filled[run_start] = _cat_records(records)
+            if keep:
+                filled[run_start] = _cat_records(records)
             self.fill_x[run_start] = torch.cat(outputs)
-        self.filled.append(filled)
+        if not keep:
+            return
+        self.filled[layer] = filled
         self._filled_bytes += sum(record.nbytes for record in filled.values())
         self.result.peak_filled_bytes = max(self.result.peak_filled_bytes, self._filled_bytes)
+
+    def enter_adapted_layers(self, first: int) -> None:
+        """Rows reach the first adapted layer: from the trunk's record, or the trunk's forward just run.
+
+        Serving's record stays in use from here on only where it is exact; every other row is
+        filled from its residual at this layer.
+        """
+        result, trunk, geometry = self.result, self.example.trunk, self.model.geometry
+        recorded = [(start, end) for start, end, rec in self.runs if rec]
+        recorded_rows = sum(end - start for start, end in recorded)
+        if trunk is not None:
+            result.layer_rows_reused += self.num_rows * first
+        else:
+            result.layer_rows_reused += recorded_rows * first  # their trunk layers were serving's
+            if first > 0:  # the residual now entering layer ``first``, kept for every later use
+                parts = [self.activations.load(first, ("x",), start, end)["x"] if rec else self.fill_x[start]
+                         for start, end, rec in self.runs]
+                trunk = result.trunk = torch.cat(parts) if len(parts) > 1 else parts[0].clone()
+        if recorded and self.example.record_exact:
+            result.path, result.rows_replayed = "replay", recorded_rows
+            result.layer_rows_reused += recorded_rows * (geometry.num_layers - first)
+            if self.example.trunk is not None:
+                self.fill_x = {start: trunk[start:end] for start, end, rec in self.runs if not rec}
+        else:
+            if self.example.trunk is not None:
+                result.path = "trunk"
+            self.runs = [(0, self.num_prompt, False)] + (
+                [(self.num_prompt, self.num_rows, False)] if self.stream_len else [])
+            if trunk is not None:
+                self.fill_x = {start: trunk[start:end] for start, end, _ in self.runs}
+            elif recorded:  # no trunk (every layer adapted): the recorded rows start from their embeddings
+                self.fill_x = {start: embed_tokens(self.model, self._ids(start, end), self.tp)
+                               for start, end, _ in self.runs}
+        result.rows_filled = self.num_prompt - result.rows_replayed
+        self.last_prompt_run = next(run for run in reversed(self.runs) if run[0] < self.num_prompt)
 
     # ---- 2. head -----------------------------------------------------------------------------
 
@@ -300,27 +375,36 @@ class _SampleState:
         leaves = [row.detach().requires_grad_() for row in rows]  # predicting targets[0], targets[1:]
         size = self.planner.rows(HEAD, geometry.num_layers, self.num_target, self.num_target)
         total_loss = 0.0
+        agree: list[bool] | None = None if self.tp is not None else []
+        margins: list[float] = []
         for start, end in _pieces(0, self.num_target, size):
-            with torch.enable_grad():
+            with torch.set_grad_enabled(not self.forward_only):
                 hidden = torch.cat(leaves)[start:end]
                 normed = rms_norm(hidden, model.final_norm, geometry.rms_norm_eps)
+                targets = self.targets[start:end]
                 if self.tp is None:
                     logits = normed @ model.lm_head.t()
                     teacher = self.example.teacher
-                    loss = objective_loss(self.example.objective, logits, self.targets[start:end],
+                    loss = objective_loss(self.example.objective, logits, targets,
                                           teacher.rows(start, end).to(logits.device) if teacher else None)
+                    margin = _target_margins(logits.detach(), targets)
+                    agree += (margin > 0).tolist()
+                    margins += margin.tolist()
                 else:  # the rank's vocab columns; the loss comes out whole on every rank
                     logits = copy_to_tp(normed, self.tp) @ model.lm_head.t()
                     # Sharded logits have no top-k teacher: a distilled rehearsal trains the base
                     # model's greedy answer (its targets) by cross-entropy instead.
                     objective = "sft" if self.example.objective == "distill" else self.example.objective
-                    loss = vocab_parallel_objective_loss(objective, logits, self.targets[start:end],
-                                                         model.vocab_start, self.tp)
+                    loss = vocab_parallel_objective_loss(objective, logits, targets, model.vocab_start, self.tp)
                 loss = loss * self.example.weight
-                (loss * self.loss_scale).backward()
+                if not self.forward_only:
+                    (loss * self.loss_scale).backward()
             total_loss += float(loss.detach())
             yield self._note(SliceInfo(HEAD, geometry.num_layers, end - start, 0))
         self.result.loss = total_loss
+        self.result.agree, self.result.margins = agree, (margins if agree is not None else None)
+        if self.forward_only:
+            return
         self.grad_rows = torch.zeros(self.num_rows, geometry.hidden_size, dtype=model.dtype, device=model.device)
         self.grad_rows[self.num_prompt - 1 : self.num_prompt] = leaves[0].grad
         if self.stream_len:
@@ -332,7 +416,7 @@ class _SampleState:
 
     # ---- 3. backward -----------------------------------------------------------------------
 
-    def backward_layer(self, layer: int) -> Generator[SliceInfo, None, None]:
+    def backward_layer(self, layer: int, need_input_grad: bool = True) -> Generator[SliceInfo, None, None]:
         model, geometry = self.model, self.model.geometry
         kv_shape = (self.num_rows, geometry.num_kv_heads, geometry.head_dim)
         grad_k = torch.zeros(kv_shape, dtype=model.dtype, device=model.device)
@@ -341,13 +425,13 @@ class _SampleState:
         weights = model.layers[layer]
         lora, scale = self._layer_lora(layer)
         k_rot, v = rotated_keys_values(record.k, record.v, weights, geometry, self.cos, self.sin)
-        grad_below = torch.empty_like(self.grad_rows) if layer > 0 else None
+        grad_below = torch.empty_like(self.grad_rows) if need_input_grad else None
         live_from = self.live_from
         size = self.planner.rows(REPLAY_BACKWARD, layer, self.num_rows - live_from, self.num_rows)
         for start, end in reversed(_pieces(live_from, self.num_rows, size)):
             grad_x = replay_rows_backward(
                 record, start, end, weights, geometry, lora, scale, self.cos, self.sin, k_rot, v,
-                self.grad_rows[start:end], grad_k, grad_v, need_input_grad=layer > 0, tp=self.tp,
+                self.grad_rows[start:end], grad_k, grad_v, need_input_grad=need_input_grad, tp=self.tp,
             )
             if grad_below is not None:
                 grad_below[start:end] = grad_x
@@ -357,20 +441,19 @@ class _SampleState:
             for start, end in reversed(_pieces(0, live_from, size)):
                 grad_x = replay_key_rows_backward(
                     record, start, end, weights, geometry, lora, scale, self.cos, self.sin, grad_k, grad_v,
-                    need_input_grad=layer > 0, tp=self.tp,
+                    need_input_grad=need_input_grad, tp=self.tp,
                 )
                 if grad_below is not None:
                     grad_below[start:end] = grad_x
                 yield self._note(SliceInfo(REPLAY_KEYS, layer, end - start, 0))
         self.grad_rows, self.live_from = grad_below, 0
-        self._filled_bytes -= sum(record.nbytes for record in self.filled[layer].values())
-        self.filled[layer] = {}
+        self._filled_bytes -= sum(record.nbytes for record in self.filled.pop(layer).values())
 
     def _layer_record(self, layer: int) -> LayerTensors:
         """All rows of one layer's record: recorded rows (reloaded or recomputed) and filled."""
         activations, filled = self.activations, self.filled[layer]
         recorded = [(start, end) for start, end, rec in self.runs if rec]
-        if recorded and layer > 0:
+        if recorded and layer > self.adapter.first_layer:
             activations.prefetch(layer - 1, LAYER_TENSORS)
         recompute = bool(recorded) and not activations.on_device(layer) and self.hedge is not None \
             and self.hedge.recompute_layer(activations, layer)
@@ -388,6 +471,14 @@ class _SampleState:
         parts = [LayerTensors.from_dict(activations.load(layer, LAYER_TENSORS, s, e)) if rec else filled[s]
                  for s, e, rec in self.runs]
         return parts[0] if len(parts) == 1 else _cat_records(parts)
+
+
+def _target_margins(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per row: the target's logit minus the best other token's (> 0: greedy decoding picks the target)."""
+    logits = logits.float()
+    target = logits.gather(-1, targets[:, None])[:, 0]
+    other = logits.scatter(-1, targets[:, None], float("-inf")).amax(-1)
+    return target - other
 
 
 def _joined(parts: list[torch.Tensor]) -> torch.Tensor | None:

@@ -2,11 +2,14 @@
 
 An optimizer step, top to bottom (``step``):
 
-1. For each item decide how its prompt is obtained: its recorded rows are **replayed** when
-   they were recorded under a version on the current lineage at most ``--alchemist-max-staleness``
-   publishes ago (and, for the later passes of one feedback, only on the first pass: see
-   ``replay_passes``); every other row is **filled** by a no-grad forward of just those rows.
-   The sample's chunks are pinned for the step, so no row disappears between two slices.
+1. For each item decide where its rows come from (``_example``): the frozen trunk's record
+   (``training/trunk.py``: the residual entering the first adapted layer, exact whatever the
+   version) when the trainer has one; serving's recorded prompt rows, replayed through the
+   adapted layers only when they are **exact** - recorded by the very weights being trained
+   (``record_staleness`` 0; ``--alchemist-max-staleness`` > 0 also admits older ones, reported
+   as stale) - and otherwise used for the trunk's layers alone; every other row is **filled** by
+   a no-grad forward of just those rows. The sample's chunks are pinned for the step, so no row
+   disappears between two slices.
 2. Run each item's forward and backward (``step.sample_step``), slice by slice; each item's
    loss is multiplied by the scale the caller gives (the learning recipe decides the weights).
 3. Clip the global gradient norm (``--alchemist-grad-clip``); add the gradient of the forgetting
@@ -41,6 +44,7 @@ from sglang_alchemist.training.step import (
     run_to_completion,
     sample_step,
 )
+from sglang_alchemist.training.trunk import TrunkRecords, trunk_key
 from sglang_alchemist.training.versions import VersionHistory
 
 logger = logging.getLogger(__name__)
@@ -58,13 +62,19 @@ class TrainerSettings:
     grad_clip: float
     max_staleness: int
     hedge: str
+    first_layer: int = 0  # the first adapted decoder layer (``config.first_adapted_layer``)
+    trunk_budget_bytes: int = 1 << 30
 
     @classmethod
-    def from_config(cls, config) -> TrainerSettings:
+    def from_config(cls, config, num_layers: int) -> TrainerSettings:
+        from sglang_alchemist.config import first_adapted_layer
+
         return cls(
             rank=config.lora_rank, alpha=config.lora_alpha, target_modules=tuple(config.lora_target_modules),
             lr=config.lr, weight_decay=config.weight_decay, grad_clip=config.grad_clip,
             max_staleness=config.max_staleness, hedge=config.hedge,
+            first_layer=first_adapted_layer(config.lora_layers, num_layers),
+            trunk_budget_bytes=int(config.trunk_host_mb * 1024 * 1024),
         )
 
 
@@ -86,6 +96,7 @@ class TrainingItem:
     kind: str = "correction"  # the feedback type: accept, correction, reject, external
     enqueued_at: float = field(default_factory=time.monotonic)
     attempts: int = 0  # updates that failed with this item in them
+    alone: bool = False  # a batch with it in it was refused by the gate: it trains in an update of its own
     teacher: object | None = None  # ``objectives.Teacher`` for the ``distill`` objective
 
 
@@ -105,6 +116,7 @@ class AdapterSnapshot:
     adapter: dict[str, torch.Tensor]
     optimizer: dict
     optimizer_steps: int
+    weights_id: int = -1  # ``Trainer.weights_id`` when it was taken
 
 
 @dataclass
@@ -114,9 +126,14 @@ class TrainerCounters:
     tokens_trained: int = 0
     samples_replayed: int = 0  # some prompt rows came from serving's records
     samples_recomputed: int = 0  # every prompt row was computed
-    rows_replayed: int = 0
-    rows_recomputed: int = 0
+    rows_replayed: int = 0  # prompt rows replayed from serving's exact record through the adapted layers
+    rows_recomputed: int = 0  # prompt rows computed in the adapted layers
     recompute_reasons: Counter = field(default_factory=Counter)
+    trunk_rows: int = 0  # rows that entered the adapted layers from a trunk record
+    layer_rows: int = 0  # row-layer forwards training needed (steps and checks)
+    layer_rows_reused: int = 0  # ... of which came from records (serving's or the trunk's)
+    checks: int = 0  # forward-only checks of whether the model gives a target
+    stale_replays: Counter = field(default_factory=Counter)  # staleness (versions) -> replayed samples
 
 
 class Trainer:
@@ -127,9 +144,17 @@ class Trainer:
         self.history = history
         self.max_positions = max_positions
         self.adapter = LoraAdapter(
-            LoraSpec(settings.rank, settings.alpha, settings.target_modules), model.geometry, model.device, seed
+            LoraSpec(settings.rank, settings.alpha, settings.target_modules, settings.first_layer), model.geometry,
+            model.device, seed,
         )
         self.optimizer = self._new_optimizer()
+        self.trunk = TrunkRecords(settings.trunk_budget_bytes, settings.first_layer)
+        # Which weights the adapter holds: a new id after every optimizer step and every restore.
+        # ``version_weights`` maps the versions whose weights are known to their id, so a record
+        # is exact (``record_staleness`` 0) only if made by exactly the weights being trained.
+        self.weights_id = 0
+        self._next_weights_id = 1
+        self.version_weights: dict[int, int] = {history.current: 0} if history.current == 0 else {}
         self.hedge = CostModelHedge(model.geometry, mode=settings.hedge)
         self.counters = TrainerCounters()
         self.recent_losses: deque[float] = deque(maxlen=50)
@@ -149,39 +174,99 @@ class Trainer:
 
     # --- one optimizer step -------------------------------------------------------------
 
-    def replay_blocker(self, item: TrainingItem, first_pass: bool = True) -> str | None:
-        """Why ``item``'s recorded rows cannot be replayed (all its rows are computed), or None."""
+    def _new_weights(self) -> None:
+        self.weights_id, self._next_weights_id = self._next_weights_id, self._next_weights_id + 1
+
+    def note_published(self, version: int, snapshot: AdapterSnapshot) -> None:
+        """``version`` holds ``snapshot``'s weights (the publisher made it durable)."""
+        self.version_weights[version] = snapshot.weights_id
+
+    def record_staleness(self, version: int) -> int | None:
+        """How many versions the weights that recorded ``version`` are behind the trainer's own.
+
+        0: the trainer holds exactly those weights (a replay is the exact gradient). Otherwise the
+        versions between them on the lineage, the trainer's own unpublished state counting as one;
+        None: not on the lineage.
+        """
+        if self.version_weights.get(version) == self.weights_id:
+            return 0
+        published = self.history.staleness(version)
+        if published is None:
+            return None
+        unpublished = self.version_weights.get(self.history.current) != self.weights_id
+        return published + int(unpublished)
+
+    def replay_blocker(self, item: TrainingItem) -> str | None:
+        """Why ``item``'s recorded rows cannot be replayed through the adapted layers, or None."""
         sample = item.sample
         if sample is None:
             return "not_served_here"
         if getattr(sample, "activations", None) is None or sample.activations.rows_recorded == 0:
             return sample.replay_blocker() or "not_recorded"
-        if not first_pass:
-            return "later_pass"
-        staleness = self.history.staleness(sample.adapter_version)
+        staleness = self.record_staleness(sample.adapter_version)
         if staleness is None or staleness > self.settings.max_staleness:
             return "stale"
         if list(sample.prompt_ids) != list(item.prompt_ids):
             return "prompt_changed"
         return None
 
-    def _example(self, item: TrainingItem, first_pass: bool) -> tuple[Example, str | None, list]:
-        blocker = self.replay_blocker(item, first_pass)
-        activations, pinned = None, []
-        if blocker is None:
-            from sglang_alchemist.memory.samples import SampleActivations
-
-            recorded = item.sample.activations
-            pinned = recorded.store.pin(recorded.views)
-            if pinned:
-                activations = SampleActivations(recorded.store, pinned, len(item.prompt_ids))
-            else:
+    def _example(self, item: TrainingItem) -> tuple[Example, str | None, list, int | None]:
+        """The item as the step runs it, why serving's record is not replayed (or None), the pinned
+        records (``unpin`` each after the step), and the replayed record's staleness (None: nothing replayed)."""
+        blocker = self.replay_blocker(item)
+        trunk = self.trunk.get(trunk_key(item.prompt_ids, item.target_ids))
+        activations, pinned, staleness = None, [], None
+        sample = item.sample
+        usable = sample is not None and getattr(sample, "activations", None) is not None \
+            and sample.activations.rows_recorded > 0 and list(sample.prompt_ids) == list(item.prompt_ids)
+        # serving's record: replayed through the adapted layers when exact enough, else (when no trunk
+        # record exists yet) read for the trunk's layers alone, which every version computes alike
+        if usable and (blocker is None or (trunk is None and self.trunk.enabled)):
+            activations = sample.activations.pin()
+            if activations is not None:
+                pinned = [activations]
+                if blocker is None:
+                    staleness = self.record_staleness(sample.adapter_version)
+            elif blocker is None:
                 blocker = "evicted"
-        return (Example(item.prompt_ids, item.target_ids, item.objective, item.weight, activations, item.teacher),
-                blocker, pinned)
+        example = Example(item.prompt_ids, item.target_ids, item.objective, item.weight, activations, item.teacher,
+                          trunk=trunk, record_exact=blocker is None)
+        return example, blocker, pinned, staleness
+
+    def _run_sample(self, item: TrainingItem, scale: float, planner: SlicePlanner | None,
+                    forward_only: bool = False) -> Generator[SliceInfo, None, SampleResult]:
+        example, blocker, pinned, staleness = self._example(item)
+        try:
+            result = yield from sample_step(self.model, self.adapter, example, scale, self.hedge, planner,
+                                            forward_only=forward_only)
+        finally:
+            for activations in pinned:
+                activations.unpin()
+        if result.trunk is not None:
+            self.trunk.put(trunk_key(item.prompt_ids, item.target_ids), result.trunk)
+            result.trunk = None
+        if example.trunk is not None:
+            self.counters.trunk_rows += len(item.prompt_ids) + len(item.target_ids) - 1
+        self.counters.layer_rows += result.layer_rows
+        self.counters.layer_rows_reused += result.layer_rows_reused
+        if not forward_only:
+            self._count(item, result, blocker)
+            if staleness and result.rows_replayed:
+                self.counters.stale_replays[staleness] += 1
+        result.staleness = staleness if result.rows_replayed else None
+        return result
+
+    def check(self, items: list[TrainingItem], planner: SlicePlanner | None = None,
+              ) -> Generator[SliceInfo, None, list[SampleResult]]:
+        """Forward only: does the model, as it is now, give each item's target (``SampleResult.agree``)?"""
+        results = []
+        for item in items:
+            results.append((yield from self._run_sample(item, 0.0, planner, forward_only=True)))
+            self.counters.checks += 1
+        return results
 
     def step(self, items: list[TrainingItem], loss_scales: list[float], planner: SlicePlanner | None = None,
-             first_pass: bool = True, sync_weight: float = 1.0) -> Generator[SliceInfo, None, StepOutcome]:
+             sync_weight: float = 1.0) -> Generator[SliceInfo, None, StepOutcome]:
         """One optimizer step; ``loss_scales[i]`` multiplies item i's summed token loss.
 
         With ``sync`` (replicas) the gradients are first averaged over the cluster, this
@@ -190,16 +275,7 @@ class Trainer:
         started = time.monotonic()
         results: list[SampleResult] = []
         for item, scale in zip(items, loss_scales, strict=True):
-            example, blocker, pinned = self._example(item, first_pass)
-            try:
-                result = yield from sample_step(self.model, self.adapter, example, scale, self.hedge, planner)
-            finally:
-                if pinned:
-                    store = item.sample.activations.store
-                    store.release_prefetch(pinned)
-                    store.unpin(pinned)
-            results.append(result)
-            self._count(item, result, blocker)
+            results.append((yield from self._run_sample(item, scale, planner)))
         if self.sync is not None:
             self.sync.reduce_gradients(self.adapter.parameters(), sync_weight if items else 0.0)
         if self.settings.grad_clip > 0:
@@ -213,6 +289,7 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.adapter.parameters(), self.settings.grad_clip)
         self.optimizer.step()
         self.adapter.zero_grad()
+        self._new_weights()
         self.counters.optimizer_steps += 1
         losses = [r.loss / max(r.target_tokens, 1) / max(item.weight, 1e-12) for r, item in zip(results, items,
                                                                                                    strict=True)]
@@ -245,6 +322,7 @@ class Trainer:
             adapter=self.adapter.peft_state_dict(),
             optimizer=copy.deepcopy(_cpu_state(self.optimizer.state_dict())),
             optimizer_steps=self.counters.optimizer_steps,
+            weights_id=self.weights_id,
         )
 
     def restore(self, snapshot: AdapterSnapshot) -> None:
@@ -253,12 +331,17 @@ class Trainer:
         self.optimizer = self._new_optimizer()
         if snapshot.optimizer.get("state"):
             self.optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
+        if snapshot.weights_id >= 0:
+            self.weights_id = snapshot.weights_id  # the very weights it was taken from
+        else:
+            self._new_weights()
 
     def load_version(self, version: int) -> None:
         """Weights and optimizer state of a checkpointed version (0: a fresh adapter)."""
         if version == 0:
             fresh = LoraAdapter(self.adapter.spec, self.model.geometry, self.model.device)
             self.restore(AdapterSnapshot(fresh.peft_state_dict(), {}, self.counters.optimizer_steps))
+            self.version_weights[0] = self.weights_id
             return
         directory = self.history.checkpoint_dir(version)
         state = LoraAdapter.read_peft(directory)
@@ -267,6 +350,7 @@ class Trainer:
         if state_path.exists():
             optimizer = torch.load(state_path, map_location="cpu")["optimizer"]
         self.restore(AdapterSnapshot(state, optimizer, self.counters.optimizer_steps))
+        self.version_weights[version] = self.weights_id
 
     # --- inspection -----------------------------------------------------------------------
 
@@ -285,16 +369,16 @@ class Trainer:
                 example, blocker, pinned = Example(item.prompt_ids, item.target_ids, item.objective, item.weight), \
                     "forced", []
             else:
-                example, blocker, pinned = self._example(item, True)
+                example, blocker, pinned, _ = self._example(item)
             try:
                 result = run_to_completion(sample_step(self.model, self.adapter, example, 1.0 / total, self.hedge))
             finally:
-                if pinned:
-                    item.sample.activations.store.release_prefetch(pinned)
-                    item.sample.activations.store.unpin(pinned)
+                for activations in pinned:
+                    activations.unpin()
             paths.append({
                 "path": result.path, "replay_blocker": blocker, "rows_replayed": result.rows_replayed,
-                "rows_recomputed": result.rows_filled,
+                "rows_recomputed": result.rows_filled, "layer_rows": result.layer_rows,
+                "layer_rows_reused": result.layer_rows_reused,
                 "layers_recomputed": result.layers_recomputed, "layers_reloaded": result.layers_reloaded,
             })
         grads = self.adapter.peft_grad_dict()
@@ -304,7 +388,6 @@ class Trainer:
 
     def status(self) -> dict:
         counters = self.counters
-        prompt_rows = counters.rows_replayed + counters.rows_recomputed
         return {
             "optimizer_steps": counters.optimizer_steps,
             "samples_trained": counters.samples_trained,
@@ -313,7 +396,15 @@ class Trainer:
             "samples_recomputed": counters.samples_recomputed,
             "rows_replayed": counters.rows_replayed,
             "rows_recomputed": counters.rows_recomputed,
-            "reuse_ratio": counters.rows_replayed / prompt_rows if prompt_rows else 0.0,
+            "trunk_rows": counters.trunk_rows,
+            "checks": counters.checks,
+            # the share of row-layer forwards training needed (steps and checks) that came from
+            # records: a row entering layer k of L from the trunk's record counts k/L
+            "reuse_ratio": counters.layer_rows_reused / counters.layer_rows if counters.layer_rows else 0.0,
+            "layer_rows": counters.layer_rows,
+            "layer_rows_reused": counters.layer_rows_reused,
+            "stale_replays": {str(k): v for k, v in sorted(counters.stale_replays.items())},
+            "trunk": self.trunk.status(),
             "recompute_reasons": dict(counters.recompute_reasons),
             "recent_loss": self.recent_losses[-1] if self.recent_losses else None,
             "mean_recent_loss": sum(self.recent_losses) / len(self.recent_losses) if self.recent_losses else None,
