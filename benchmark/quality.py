@@ -229,7 +229,8 @@ def run(url: str, split: str, accepts: int, n_rejects: int, facts_limit: int | N
     result = {"split": split, "before": before, "after": after, "teach": taught,
               "cost_per_correction": {
                   "optimizer_steps": training["optimizer_steps"] / max(len(facts), 1),
-                  "training_seconds": training["busy_seconds"] / max(len(facts), 1)}}
+                  "training_seconds": training["busy_seconds"] / max(len(facts), 1)},
+              "reuse_ratio": training["reuse_ratio"]}
     if accepts:
         result["continual"] = continual(client, tokenizer, accepts)
         result["after_continual"] = {"facts": score(client, *sets["facts"]),
@@ -277,7 +278,9 @@ def markdown(result: dict) -> str:
               f"{teach['seconds_to_version']['max']:.0f} s (with other traffic served meanwhile); per correction "
               f"{result['cost_per_correction']['optimizer_steps']:.1f} optimizer steps, "
               f"{result['cost_per_correction']['training_seconds']:.0f} s of the training thread. Publish gate: "
-              f"{result['gate']['checks']} checks, {result['gate']['rejections']} rejected."]
+              f"{result['gate'].get('probes_checked', 0)} probes checked in {result['gate']['checks']} checks, "
+              f"{result['gate']['rejections']} rejected; {result['gate'].get('updates_unchecked', 0)} updates had "
+              f"no probe in their scope to check (published unchecked)."]
     if "rejects" in result:
         rejected = result["rejects"]
         lines.append(f"Rejects: the rejected answer's log-probability fell for {rejected['fell']}/{rejected['of']}.")

@@ -18,8 +18,7 @@ The two alternate correction by correction in one process (``--threads`` intra-o
 slow minute of the machine hits both. Ours is then charged the recording of every served request:
 at a feedback rate ``f`` a correction stands for ``1 / f`` recorded requests of the mix's prompt
 length, each costing the larger of ``recording_overhead.json``'s measured extra prefill time per
-prompt token and the time the record's bytes take to copy into a preallocated slab (measured here,
-as ``net_saving.py`` did). Reported per mix: training seconds per correction both ways, the
+prompt token and the time the record's bytes take to copy into a preallocated slab (measured here). Reported per mix: training seconds per correction both ways, the
 engine seconds per correction at 1%, 10% and 100% feedback, and the break-even feedback rate.
 
     .venv/bin/python benchmark/recipe_cost.py --output benchmark/results/recipe_cost.json
@@ -44,9 +43,35 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import RESULTS_DIR, command_line, machine, provenance, write_json  # noqa: E402
 from learning_sweep import Harness  # noqa: E402
-from net_saving import copy_seconds_per_token, extra_seconds_per_prompt_token  # noqa: E402
 
 RATES = (0.01, 0.10, 1.00)
+
+
+def extra_seconds_per_prompt_token(recording: dict) -> float:
+    """Median over ``recording_overhead``'s alternating rounds of 1/throughput(all) - 1/throughput(none)."""
+    return statistics.median(1 / r["all"]["input_throughput"] - 1 / r["none"]["input_throughput"]
+                             for r in recording["rounds"])
+
+
+def copy_seconds_per_token(bytes_per_token: int, tokens: int = 64, rounds: int = 24) -> float:
+    """The floor of recording's cost: one prompt token's record copied into a preallocated slab.
+
+    A plain copy of the same bytes (no hooks, no bookkeeping) into a slab allocated and touched
+    once, as ``memory/pool.py`` does, at offsets that do not stay in cache; median of ``rounds``.
+    On 2 CPU cores recording's measured extra prefill time is often inside the noise, so it is
+    never charged less than this.
+    """
+    width = bytes_per_token // 4  # float32 columns
+    source = torch.randn(tokens, width)
+    slots = 8
+    slab = torch.zeros(slots * tokens, width)
+    times = []
+    for index in range(rounds):
+        offset = (index % slots) * tokens
+        started = time.perf_counter()
+        slab[offset : offset + tokens].copy_(source)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times) / tokens
 MIXES = {"sharegpt": {"prompt_tokens": None, "target_tokens": 48}, "long": {"prompt_tokens": 1024, "target_tokens": 32}}
 
 

@@ -7,6 +7,12 @@ Each benchmark writes its JSON (and PNG) under ``benchmark/results/``; this scri
 ``benchmark/results/summary.md``: our ratios beside the Alchemist paper's claims, with the
 conditions and the command behind each figure. ``--write-readme`` copies the summary into the
 README between its ``results`` markers (a test checks the two agree).
+
+Provenance: every result records the commit it ran at and whether the tree was clean
+(``machine.git_commit`` / ``git_clean``), and a result derived from others lists them with their
+commits (``provenance.inputs``). The summary names each result's commit and refuses
+(:class:`InconsistentResults`) to show a derived result beside inputs that are not the ones it
+was computed from - e.g. a saving computed from an earlier throughput run than the one shown.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ START, END = "<!-- results:start", "<!-- results:end -->"
 BENCHMARKS = [
     ("recording_overhead", ["benchmark/recording_overhead.py"]),
     ("train_throughput", ["benchmark/train_throughput.py"]),
-    ("net_saving", ["benchmark/net_saving.py"]),
+    ("recipe_cost", ["benchmark/recipe_cost.py"]),
+    ("learning_latency", ["benchmark/learning_latency.py"]),
     ("serving_impact", ["benchmark/serving_impact.py"]),
     ("quality", ["benchmark/quality.py", "--split", "report"]),
 ]
@@ -33,9 +40,11 @@ BENCHMARKS = [
 
 # Benchmarks whose committed results are missing or from an earlier protocol, and why; the
 # summary says so instead of showing figures (a test checks every other benchmark has results).
-NOT_RUN = {
-    "net_saving": "needs recording_overhead and train_throughput results (run those first)",
-}
+NOT_RUN: dict[str, str] = {}
+
+
+class InconsistentResults(ValueError):
+    """A derived result's inputs are not the result files it would be shown beside."""
 
 
 def load(name: str) -> dict | None:
@@ -43,37 +52,60 @@ def load(name: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def check_provenance() -> None:
+    """Every derived result was computed from the input files committed beside it (same commit, same time)."""
+    for name, _ in BENCHMARKS:
+        data = load(name)
+        if data is None:
+            continue
+        for source in (data.get("provenance") or {}).get("inputs", []):
+            current = load(Path(source["file"]).stem)
+            made = (current or {}).get("machine", {})
+            if current is None or (made.get("git_commit"), made.get("time")) != (source["git_commit"], source["time"]):
+                raise InconsistentResults(
+                    f"{name}.json was computed from {source['file']} at commit {source['git_commit']} "
+                    f"({source['time']}), but the {source['file']} here is from commit {made.get('git_commit')} "
+                    f"({made.get('time')}): rerun {name}")
+
+
+def _made(data: dict) -> str:
+    machine = data["machine"]
+    clean = machine.get("git_clean")
+    tree = "clean tree" if clean else "tree state not recorded" if clean is None else "uncommitted changes"
+    inputs = (data.get("provenance") or {}).get("inputs", [])
+    derived = "; from " + ", ".join(f"{i['file']} ({i['git_commit']})" for i in inputs) if inputs else ""
+    return f"commit {machine.get('git_commit', '?')} ({tree}), {machine['time']}{derived}"
+
+
 def _fraction(block: dict) -> str:
     return f"{block['right']}/{block['of']}"
 
 
 def summary() -> str:
-    recording, training, saving, impact, quality = (load(name) for name, _ in BENCHMARKS)
+    check_provenance()
+    recording, training, recipe, latency, impact, quality = (load(name) for name, _ in BENCHMARKS)
     lines = ["### Measured results (CPU, SmolLM2-135M-Instruct, fp32)", ""]
-    for name, data in (("train_throughput", training), ("recording_overhead", recording),
-                       ("serving_impact", impact), ("quality", quality)):
+    for (name, _), data in zip(BENCHMARKS, (recording, training, recipe, latency, impact, quality), strict=True):
         if data and "machine" in data:
             m = data["machine"]
             lines.append(f"- `{name}`: {m['cpu_count']} CPU threads, torch {m['torch']}, CUDA: {m['cuda'] or 'none'}; "
-                         f"commit {m.get('git_commit', '?')}, {m['time']}.")
+                         f"{_made(data)}.")
     lines += ["", "| claim (Alchemist paper, vs a separate trainer) | paper | ours | conditions |",
               "| --- | --- | --- | --- |"]
-    if training and "replay_over_peft" not in training["mixes"][0]:  # a run from before the PEFT comparison
-        cells = "; ".join(f"{m['throughput_ratio']:.2f}x ({m['mix']})" for m in training["mixes"])
-        lines.append(f"| training throughput | up to 1.72x | {cells} | replay vs our own recompute (no PEFT column: "
-                     f"this run predates it), commit {training['machine'].get('git_commit', '?')} |")
-        best = max(training["mixes"], key=lambda m: m["throughput_ratio"])
-        memory = 1 - best["peak_saved_bytes_replay"] / best["peak_saved_bytes_recompute"]
-        lines.append(f"| training memory | 47% less | {memory:.0%} less saved activations ({best['mix']}) | "
-                     "records not counted (they live in the store's tiers) |")
-        fit = training["fit"]
-        lines.append(f"| trainable tokens at a fixed memory budget | 2x | {fit['trainable_tokens_ratio']:.2f}x | "
-                     f"{fit['budget_bytes'] / 2**20:.0f} MB of saved activations, target {fit['target_tokens']} tokens |")
-    elif training:
+    if training:
         mixes = {m["mix"]: m for m in training["mixes"]}
         cells = "; ".join(f"{m['replay_over_peft']:.2f}x ({m['mix']})" for m in training["mixes"])
-        lines.append(f"| training throughput | up to 1.72x | {cells} | replay vs plain transformers + PEFT, same "
-                     "samples, LoRA r8 all projections, forward+backward, records on the host tier |")
+        lines.append(f"| training throughput, one step | up to 1.72x | {cells} | one forward+backward of a sample whose "
+                     "whole prompt is replayed from serving's record vs plain transformers + PEFT, LoRA r8 on every "
+                     "layer's seven projections |")
+    if recipe:
+        cells = "; ".join(f"{m['separate_seconds_per_correction'] / m['ours_seconds_per_correction']:.2f}x "
+                          f"({m['mix']}: {m['ours_seconds_per_correction']:.1f} vs "
+                          f"{m['separate_seconds_per_correction']:.1f} s per correction)" for m in recipe["mixes"])
+        lines.append(f"| training throughput, the product's recipe | up to 1.72x | {cells} | every step and check "
+                     "of the default recipe (until learnt, with replay of earlier feedback and rehearsal) vs "
+                     "transformers + PEFT repeating the same steps on the same items |")
+    if training:
         best = mixes.get("1024:32") or training["mixes"][0]
         memory = 1 - best["peak_held_bytes_replay"] / best["peak_held_bytes_peft"]
         lines.append(f"| training memory | 47% less | {memory:.0%} less ({best['mix']}: "
@@ -96,18 +128,24 @@ def summary() -> str:
                      f"(median of {len(recording['rounds'])} alternating pairs; pairs "
                      f"{min(ratios):.2f}-{max(ratios):.2f}) | "
                      f"{recording['recorded_bytes_per_token'] / 1024:.0f} KiB recorded per prompt token |")
-    if saving:
+    if recipe:
         def even(row: dict) -> str:
             rate = row.get("break_even_feedback_rate")
             return "never" if rate is None else f"{rate:.1%}" if rate < 0.1 else f"{rate:.0%}"
-        cells = "; ".join(f"{row['mix']}: {row['rates']['10%']['saving_share']:+.0%} (break-even {even(row)})"
-                          for row in saving["mixes"])
-        free = (" (recording's measured cost was below its bytes' copy time, which is charged instead)"
-                if saving["extra_prefill_seconds_per_prompt_token"] < saving.get("copy_seconds_per_prompt_token", 0.0)
-                else "")
-        lines.append(f"| net saving at 10% feedback (ours only) | - | {cells} | engine seconds per trained "
-                     "feedback, recording of every request included, vs a separate PEFT trainer; break-even: "
-                     f"the feedback rate above which recording pays{free} |")
+        cells = "; ".join(f"{row['mix']}: {row['rates']['10%']['alchemist_s']:.1f} vs "
+                          f"{row['rates']['10%']['separate_s']:.1f} s ({row['rates']['10%']['saving_share']:+.0%}, "
+                          f"break-even {even(row)})" for row in recipe["mixes"])
+        lines.append(f"| engine seconds per correction at 10% feedback (ours only) | - | {cells} | the recipe's "
+                     "training plus the recording of the 10 requests each correction stands for, vs a separate "
+                     "PEFT trainer on the same steps |")
+    if latency:
+        fresh, single, burst = latency["fresh"], latency["one_at_a_time"], latency["burst"]
+        lines.append(f"| learnt when served (ours only) | - | fresh server's first correction served after "
+                     f"{_seconds(fresh['median_s'])} s ({fresh['right']}/{fresh['count']} right); one at a time: median "
+                     f"{_seconds(single['median_s'])} s, {single['right']}/{single['count']} right when asked at once; "
+                     f"a burst of {burst['count']}: all served {_seconds(burst['all_served_after_last_s'])} s after the "
+                     f"last, {burst['right']}/{burst['count']} right; reuse ratio {latency['reuse_ratio']:.2f} | "
+                     "through the server, default flags, each correction on the answer it corrects |")
     if quality and "split" not in quality:  # the earlier protocol (several rounds of corrections): not comparable
         quality = None
     if quality:
@@ -125,11 +163,16 @@ def summary() -> str:
     for name, why in missing.items():
         lines.append(f"| `{name}` | - | not measured | {why} |")
     lines.append("")
-    for title, data in (("Training throughput and memory", training), ("Net saving", saving),
-                        ("Serving impact", impact), ("Recording overhead", recording), ("Learning quality", quality)):
+    for title, data in (("Training throughput and memory", training), ("The recipe's cost per correction", recipe),
+                        ("Learnt when served", latency), ("Serving impact", impact),
+                        ("Recording overhead", recording), ("Learning quality", quality)):
         if data:
             lines += [f"#### {title}", "", f"`{data['command']}`", "", data["markdown"], ""]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def readme_with_summary(readme: str, text: str) -> str:

@@ -98,6 +98,9 @@ class _Journal:
     def mark_dropped(self, ids, reason) -> None:
         self.marks.append(("dropped", ids, reason))
 
+    def note_updates(self, rows) -> None:
+        self.marks.append(("noted", [row[0] for row in rows], None))
+
 
 def _lockstep_rounds(rank: int, model_dir: Path, tmp: Path, sync) -> dict:
     """The training lane's cluster mode without a server: uneven work, identical steps and versions."""
@@ -113,7 +116,9 @@ def _lockstep_rounds(rank: int, model_dir: Path, tmp: Path, sync) -> dict:
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     config = AlchemistConfig(state_dir=str(tmp / f"core{rank}"), lora_rank=4, lora_alpha=8.0, lr=0.01, passes=3,
                              replay_feedback=1, rehearsal=0, gate_max_regressions=-1)
-    core = LearningCore(frozen_model_from_transformers(base), config, None, set(), Path(config.state_dir), 256)
+    # every update runs its 3 steps (no stop at learnt): the rounds' step counts below are the lockstep's
+    core = LearningCore(frozen_model_from_transformers(base), config, None, set(), Path(config.state_dir), 256,
+                        recipe_overrides={"learnt_margin": float("inf")})
     publisher, journal = _Publisher(), _Journal()
     lane = TrainingLane(core, journal, publisher, publish_every=1, release_sample=lambda sample: None)
     lane.cluster = ClusterLane(lane, sync)
@@ -163,7 +168,9 @@ def test_gradient_averaging_matches_one_trainer_on_the_batch_and_lockstep_rounds
     assert lockstep[0]["published_ids"] == [["fb-a"], ["fb-b"]] and lockstep[1]["published_ids"] == [["fb-c"], []]
     # fb-b corrects the prompt fb-c accepted (round 1): the later one replaces it in replay
     assert lockstep[0]["memory"] == lockstep[1]["memory"] == ["fb-a", "fb-b"]
-    assert not lockstep[0]["marks"] and not lockstep[1]["marks"]
+    # nothing rejected or dropped; each replica noted its own updates in its journal
+    assert [mark[:2] for mark in lockstep[0]["marks"]] == [("noted", ["fb-a"]), ("noted", ["fb-b"])]
+    assert [mark[:2] for mark in lockstep[1]["marks"]] == [("noted", ["fb-c"])]
     for name, weight in lockstep[0]["adapter"].items():
         assert torch.equal(weight, lockstep[1]["adapter"][name]), f"{name}: the replicas' adapters differ"
 

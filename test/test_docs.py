@@ -49,6 +49,36 @@ def test_readme_results_are_the_summary_of_the_committed_benchmark_json():
     )
 
 
+def test_every_committed_result_names_its_commit_a_clean_tree_and_its_inputs():
+    run_all = _load_module("run_all", REPO / "benchmark" / "run_all.py")
+    for name, _ in run_all.BENCHMARKS:
+        data = run_all.load(name)
+        if data is None:
+            continue
+        assert data["machine"].get("git_commit"), name
+        assert data["machine"].get("git_clean") is True, f"{name}.json was measured on uncommitted changes"
+    run_all.check_provenance()  # and the derived ones were computed from the files beside them
+
+
+def test_a_derived_result_is_refused_beside_inputs_it_was_not_computed_from(tmp_path, monkeypatch):
+    import json
+
+    import pytest
+
+    run_all = _load_module("run_all", REPO / "benchmark" / "run_all.py")
+    monkeypatch.setattr(run_all, "RESULTS", tmp_path)
+    recording = {"machine": {"git_commit": "aaaaaaa", "git_clean": True, "time": "2026-12-07 10:00:00"}}
+    (tmp_path / "recording_overhead.json").write_text(json.dumps(recording))
+    derived = {"machine": {"git_commit": "bbbbbbb", "git_clean": True, "time": "2026-12-07 11:00:00"},
+               "provenance": {"inputs": [{"file": "recording_overhead.json", **recording["machine"]}]}}
+    (tmp_path / "recipe_cost.json").write_text(json.dumps(derived))
+    run_all.check_provenance()
+    recording["machine"].update(git_commit="ccccccc", time="2026-12-07 12:00:00")  # a newer run replaced it
+    (tmp_path / "recording_overhead.json").write_text(json.dumps(recording))
+    with pytest.raises(run_all.InconsistentResults, match="recipe_cost.json was computed from recording_overhead"):
+        run_all.check_provenance()
+
+
 def test_grafana_dashboard_is_valid_and_charts_only_metrics_the_server_exports():
     import json
     import re

@@ -60,6 +60,24 @@ def chat(server, content: str, model: str = "default", logprobs: bool = False) -
     return response.json()
 
 
+def stream_chat(server, content: str) -> dict:
+    """A streamed chat: its headers, id and the metadata of the chunk that finishes the choice."""
+    response = requests.post(server.url + "/v1/chat/completions", headers=USER, timeout=120, stream=True, json={
+        "model": "default", "messages": [{"role": "user", "content": content}], "max_tokens": 8, "temperature": 0,
+        "stream": True,
+    })
+    assert response.status_code == 200, response.text
+    completion_id, metadata = None, None
+    for line in response.iter_lines(decode_unicode=True):
+        if not line or not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        chunk = json.loads(line[len("data: "):])
+        completion_id = completion_id or chunk.get("id")
+        if any(choice.get("finish_reason") for choice in chunk.get("choices", [])):
+            metadata = chunk.get("metadata")
+    return {"headers": response.headers, "id": completion_id, "finish_metadata": metadata}
+
+
 def signature(response: dict) -> tuple[str, tuple[float, ...]]:
     """A served answer's text and its tokens' log-probabilities (rounded): what tells versions apart.
 
@@ -291,9 +309,11 @@ def test_a_burst_of_corrections_is_trained_in_one_update_and_served_in_one_versi
         record = admin_get(server, f"/v1/alchemist/feedback/{feedback_id}")
         assert record["state"] == "trained" and record["trained_version"] == version + 1
         assert record["steps"] == training["last_update"]["steps"] >= 1 and record["learnt"] is not None
+        assert record["gate_probes"] == 0  # the gate is off on this server: it checked nothing
     # every row the trainer ran counts toward the reuse ratio; the trunk's records are kept and used
     assert training["layer_rows"] > training["layer_rows_reused"] > 0
     assert 0 < training["reuse_ratio"] < 1 and training["trunk"]["records"] > 0
+    assert training["gate"]["checks"] == 0 and training["gate"]["updates_unchecked"] >= 1
 
 
 def test_metrics_are_exported_in_prometheus_format(server):
@@ -311,13 +331,18 @@ def test_metrics_are_exported_in_prometheus_format(server):
 
 def test_control_characters_are_text_and_are_trained(server):
     # escaped in JSON, control characters are ordinary text (code, terminal output): accepted
-    response = post_feedback(server, {"prompt": "tab\there, nul\u0000, escape\u001b[0m", "completion": "bell\u0007."})
-    assert response.status_code == 202, response.text
-    assert response.json()["target_tokens"] > 1
-    response = post_feedback(server, {"messages": [{"role": "user", "content": "a\u0000b\u007f\u0085"}],
-                                      "completion": "\u001b"})
-    assert response.status_code == 202, response.text
+    first = post_feedback(server, {"prompt": "tab\there, nul\u0000, escape\u001b[0m", "completion": "bell\u0007."})
+    assert first.status_code == 202, first.text
+    assert first.json()["target_tokens"] > 1
+    second = post_feedback(server, {"messages": [{"role": "user", "content": "a\u0000b\u007f\u0085"}],
+                                    "completion": "\u001b"})
+    assert second.status_code == 202, second.text
     assert chat(server, "Still serving?")["choices"]
+    # and they are trained: both reach a served version, their updates checked and noted
+    wait_idle_at(server, None)
+    for reply in (first, second):
+        record = admin_get(server, f"/v1/alchemist/feedback/{reply.json()['id']}")
+        assert record["state"] == "trained" and record["steps"] >= 1 and record["learnt"] is not None, record
 
 
 def raw_exchange(server, head: str, body_parts: list[bytes] = (), timeout_s: float = 20) -> tuple[int, dict]:
@@ -391,6 +416,24 @@ def test_the_adapter_answers_what_its_feedback_was_about_and_the_base_model_the_
     outside = chat(server, "Which planet is the largest?", logprobs=True)
     assert outside["metadata"]["alchemist_adapter_version"] == start + 1
     assert outside["metadata"]["alchemist_adapter_applied"] is False
+    # one story everywhere: the route, a streamed answer and the journal say version N, not applied
+    assert admin_get(server, f"/v1/alchemist/completions/{outside['id']}") == {
+        "id": outside["id"], "adapter_version": start + 1, "adapter_applied": False}
+    streamed = stream_chat(server, "Which planet is the largest?")
+    assert streamed["headers"]["X-Alchemist-Adapter-Version"] == str(start + 1)
+    assert streamed["headers"]["X-Alchemist-Adapter-Applied"] == "false"
+    assert streamed["finish_metadata"] == {"alchemist_adapter_version": start + 1, "alchemist_adapter_applied": False}
+    assert admin_get(server, f"/v1/alchemist/completions/{streamed['id']}")["adapter_applied"] is False
+    streamed_inside = stream_chat(server, "My Zentrivox is stuck, what should I do?")
+    assert streamed_inside["headers"]["X-Alchemist-Adapter-Applied"] == "true"
+    assert streamed_inside["finish_metadata"]["alchemist_adapter_applied"] is True
+    accepted = post_feedback(server, {"id": outside["id"], "type": "accept"}).json()
+    assert (accepted["served_version"], accepted["adapter_applied"]) == (start + 1, False)
+    record = admin_get(server, f"/v1/alchemist/feedback/{accepted['id']}")
+    assert (record["served_version"], record["adapter_applied"]) == (start + 1, False)
+    inside_feedback = post_feedback(server, {"id": inside["id"], "type": "accept"}).json()
+    assert (inside_feedback["served_version"], inside_feedback["adapter_applied"]) == (start + 1, True)
+    assert wait_idle_at(server, None)["serving"]["served_version"] > start + 1  # the accepts are trained
     base = chat(server, "Which planet is the largest?", model="default:base", logprobs=True)
     assert signature(outside)[0] == signature(base)[0]
     assert signature(outside)[1] == pytest.approx(signature(base)[1], abs=1e-4)

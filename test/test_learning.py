@@ -363,3 +363,35 @@ def test_training_with_the_output_anchor_moves_the_general_outputs_less(tiny):
         assert report["losses"][-1] < report["losses"][0]  # the feedback is learned either way
         moved[weight] = float(measure.penalty(learning.trainer.adapter))
     assert moved[1000.0] < 0.5 * moved[0.0], moved
+
+
+@pytest.mark.parametrize("max_staleness", [0, 2])
+def test_a_record_of_older_weights_is_replayed_only_when_allowed_and_then_reported_as_stale(tiny, max_staleness):
+    """Exact means recorded by the very weights being trained: once the trainer has taken a step past
+    them, serving's record is stale (1 here: the trainer's own unpublished state counts as a version).
+    It is replayed only within --alchemist-max-staleness, and counted as a stale replay when it is."""
+    from sglang_alchemist.training.reference import ReferenceSample, record_prompt
+    from sglang_alchemist.training.trainer import TrainingItem
+
+    model, tokenizer, _ = tiny
+    learning = core(tiny, None, lr=0.02, passes=1, replay_feedback=0, rehearsal=0, gate_max_regressions=-1,
+                    max_staleness=max_staleness)
+    trainer = learning.trainer
+    prompt, target = correction(tiny, "Who wrote the glimmer book?", "Tavia did.")
+    served = ReferenceSample(prompt, trainer.history.current, record_prompt(model, trainer.adapter, prompt))
+    item = TrainingItem("fb-1", prompt, target, sample=served)
+    assert trainer.record_staleness(served.adapter_version) == 0 and trainer.replay_blocker(item) is None
+    exact = run_to_completion(trainer.step([item], [1.0 / len(target)]))
+    assert (exact.results[0].path, exact.results[0].staleness) == ("replay", 0)
+    assert dict(trainer.counters.stale_replays) == {}
+    # the trainer's weights moved: the same record is now one version behind them
+    assert trainer.record_staleness(served.adapter_version) == 1
+    again = run_to_completion(trainer.step([item], [1.0 / len(target)]))
+    if max_staleness == 0:
+        assert trainer.replay_blocker(item) == "stale"
+        assert (again.results[0].path, again.results[0].staleness) == ("recompute", None)
+        assert trainer.status()["stale_replays"] == {}
+    else:
+        assert trainer.replay_blocker(item) is None
+        assert (again.results[0].path, again.results[0].staleness) == ("replay", 1)
+        assert trainer.status()["stale_replays"] == {"1": 1}

@@ -63,6 +63,7 @@ def test_a_regressing_version_is_rejected_journaled_and_shown_and_the_last_good_
     assert current["serving"]["served_version"] == 0 and scheduler["versions"]["current"] == 0  # nothing published
     record = requests.get(server.url + f"/v1/alchemist/feedback/{reply['id']}", timeout=60).json()
     assert record["state"] == "rejected" and "regressed" in record["reason"], record
+    assert record["gate_probes"] == 1 and gate["probes_checked"] >= 2 and gate["updates_unchecked"] == 0
     metrics = requests.get(server.url + "/v1/alchemist/metrics", timeout=60).text
     assert 'sglang_alchemist_gate_rejections_total{dp_rank="0"} 1.0' in metrics
     assert 'sglang_alchemist_journal_rejected_total{dp_rank="0"} 1.0' in metrics

@@ -24,7 +24,13 @@ from sglang_alchemist.training.model_spec import (
 )
 from sglang_alchemist.training.objectives import unlikelihood_loss
 from sglang_alchemist.training.reference import record_prompt
-from sglang_alchemist.training.step import REPLAY_KEYS, Example, run_to_completion, sample_step
+from sglang_alchemist.training.step import (
+    PROMPT_FORWARD,
+    REPLAY_KEYS,
+    Example,
+    run_to_completion,
+    sample_step,
+)
 
 TOLERANCE = 1e-4
 SPEC = LoraSpec(rank=4, alpha=8.0, target_modules=LORA_MODULES)
@@ -230,6 +236,12 @@ def test_prompt_rows_missing_from_the_record_are_computed_and_the_rest_replayed_
     missing = sum(end - start for start, end in holes)
     assert (result.rows_replayed, result.rows_filled) == (len(PROMPT) - missing, missing)
     assert result.path == "replay"
+    # a replayed row ran no forward: the prompt forwards computed the holes' rows, in every layer, only
+    prompt_forward = [info for info in result.slices if info.kind == PROMPT_FORWARD]
+    assert sum(info.rows for info in prompt_forward) == missing * model.geometry.num_layers
+    layers = model.geometry.num_layers
+    assert (result.layer_rows, result.layer_rows_reused) == (
+        (len(PROMPT) + len(TARGET) - 1) * layers, (len(PROMPT) - missing) * layers)
     assert_close_per_tensor(adapter.peft_grad_dict(), reference_gradients(peft, [(PROMPT, TARGET)]))
 
 

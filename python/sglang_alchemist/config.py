@@ -210,7 +210,7 @@ class AlchemistConfig:
         "recently used out first).",
         check=_non_negative,
     )
-    lr: float = _flag(2e-3, "AdamW learning rate of the LoRA adapter.", check=_positive)
+    lr: float = _flag(3e-3, "AdamW learning rate of the LoRA adapter.", check=_positive)
     weight_decay: float = _flag(0.0, "AdamW weight decay of the LoRA adapter.", check=_non_negative)
     grad_clip: float = _flag(
         1.0, "Global gradient-norm clip per optimizer step (0 disables clipping).", check=_non_negative
@@ -316,7 +316,8 @@ class AlchemistConfig:
     hedge: str = _flag(
         "auto",
         "Per layer during replay: reload recorded tensors from host, recompute the layer from its "
-        "recorded input, or let a measured cost model choose.",
+        "recorded input, or choose by a cost model of copy and compute rates measured once at start-up "
+        "(on a CPU both tiers are RAM and reloading always wins).",
         choices=HEDGE_POLICIES,
     )
     reject_objective: str = _flag(

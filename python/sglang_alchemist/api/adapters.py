@@ -122,6 +122,10 @@ class AdapterRouter:
         routed = self._by_request.get(rid)
         return None if routed is None else routed[0]
 
+    def served(self, rid: str) -> tuple[int, bool] | None:
+        """(version, whether its adapter answered) of a request this process routed, or None."""
+        return self._by_request.get(rid)
+
     def adapter_applied(self, rid: str) -> bool | None:
         """Whether the version's adapter answered the request (False: its scope left it to the base)."""
         routed = self._by_request.get(rid)

@@ -243,10 +243,13 @@ def parse_feedback(body: bytes) -> ParsedFeedback:
 class FeedbackService:
     """The route's work, given the tokenizer, the journal and a way to call the scheduler."""
 
-    def __init__(self, journal: Journal, config, call_schedulers) -> None:
+    def __init__(self, journal: Journal, config, call_schedulers, served_by=None) -> None:
         self.journal = journal
         self.config = config
         self.call_schedulers = call_schedulers
+        # rid -> (served version, whether its adapter answered) as the router decided it for the
+        # response (``AdapterRouter.served``); None when unknown (e.g. served before a restart)
+        self.served_by = served_by
         self._locks = KeyedLocks()  # per completion id: its check -> insert -> enqueue sequence
 
     async def handle(self, request: Request, tokenizer) -> ORJSONResponse | dict:
@@ -262,8 +265,8 @@ class FeedbackService:
                 return await self._duplicate(feedback, existing)
             served = await self._scheduler("lookup", {"id": feedback.completion_id})
             target_ids, objective = self._served_target(feedback, served, tokenizer)
-            record = self._new_record(feedback, served["prompt_ids"], target_ids, objective,
-                                      served["adapter_version"])
+            version, applied = self._served_as(feedback.completion_id, served["adapter_version"])
+            record = self._new_record(feedback, served["prompt_ids"], target_ids, objective, version, applied)
             try:
                 await self._journal(self.journal.insert, record)  # committed before we answer
             except sqlite3.IntegrityError:
@@ -277,13 +280,26 @@ class FeedbackService:
                 return self._reply(record, None)
             return self._reply(record, await self._enqueue(record))
 
+    def _served_as(self, completion_id: str, scheduler_version: int) -> tuple[int, bool]:
+        """The version a response was served by and whether its adapter answered, as its response said.
+
+        The scheduler knows only which weights ran (0 when the scope left the request to the base
+        model); the router's record is the response's own story. A response from before a restart
+        is known to the scheduler alone: its adapter answered if a version > 0 ran.
+        """
+        routed = self.served_by(completion_id) if self.served_by is not None else None
+        if routed is not None:
+            return routed
+        return scheduler_version, scheduler_version != 0
+
     @staticmethod
     def _new_record(feedback: ParsedFeedback, prompt_ids: list[int], target_ids: list[int], objective: str,
-                    served_version: int | None) -> FeedbackRecord:
+                    served_version: int | None, adapter_applied: bool | None = None) -> FeedbackRecord:
         return FeedbackRecord(
             feedback_id=f"fb-{uuid.uuid4().hex}", completion_id=feedback.completion_id, kind=feedback.kind,
             objective=objective, weight=feedback.weight, request_digest=feedback.digest,
             prompt_ids=list(prompt_ids), target_ids=list(target_ids), served_version=served_version,
+            adapter_applied=adapter_applied,
             state="dropped" if objective == "none" else "queued",
             reason="reject_not_trained" if objective == "none" else None,
         )

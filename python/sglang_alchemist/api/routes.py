@@ -121,7 +121,7 @@ class AlchemistApi:
         self.admin_key = admin_key  # held by this process only (admin_key.py), never exported
         self.journal = Journal(journal_path(config.state_dir))
         self.router = AdapterRouter(Path(config.state_dir) / "adapters")
-        self.feedback = FeedbackService(self.journal, config, call_schedulers)
+        self.feedback = FeedbackService(self.journal, config, call_schedulers, served_by=self.router.served)
         self.internal_token = secrets.token_hex(16)
         self.live_metrics = LiveMetrics()
         self._tasks: set = set()
@@ -343,7 +343,8 @@ class AlchemistApi:
             version = api.router.version_for_request(completion_id)
             if version is None:
                 return openai_error(404, f"no response with id {completion_id!r} was served by this process")
-            return {"id": completion_id, "adapter_version": version}
+            return {"id": completion_id, "adapter_version": version,
+                    "adapter_applied": api.router.adapter_applied(completion_id)}
 
         @app.get("/v1/alchemist/feedback/{feedback_id}")
         async def alchemist_feedback_record(request: Request, feedback_id: str):

@@ -334,7 +334,9 @@ class ClusterLane:
         lane, item = self.lane, outcome.item
         lane._release(item)
         lane.counters.updates_completed += 1
+        lane.counters.note(outcome)
         lane.counters.last_update = outcome.public()
+        lane.note_in_journal(outcome)
         if outcome.accepted:
             self._own_accepted.append(outcome)
             return

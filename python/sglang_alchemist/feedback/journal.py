@@ -11,7 +11,9 @@ open the file: the HTTP process inserts records, the scheduler process moves the
 Each record also says what its latest update did (``note_updates``, written when the update
 ends, before it is published): ``steps`` (optimizer steps), ``learnt`` (whether the check after
 the last step found the model giving the feedback's answer; NULL for an accept, which is one
-reinforcing step) and ``stop_reason`` (``learnt``, ``max_steps``, ``max_seconds``).
+reinforcing step), ``stop_reason`` (``learnt``, ``max_steps``, ``max_seconds``) and ``gate_probes``
+(how many probes the publish gate checked before publishing it: 0 when none fell in the
+candidate version's scope, i.e. the gate had nothing to check).
 
 A record becomes ``trained`` only when the version containing its update is checkpointed, so
 after a crash (even ``kill -9`` mid-step) every record not in a checkpoint is still
@@ -46,12 +48,15 @@ CREATE TABLE IF NOT EXISTS feedback (
     updated_at REAL NOT NULL,
     steps INTEGER,
     learnt INTEGER,
-    stop_reason TEXT
+    stop_reason TEXT,
+    adapter_applied INTEGER,
+    gate_probes INTEGER
 );
 CREATE INDEX IF NOT EXISTS feedback_state ON feedback(state);
 """
 # columns added after the first release: a journal written before them gains them at open
-ADDED_COLUMNS = (("steps", "INTEGER"), ("learnt", "INTEGER"), ("stop_reason", "TEXT"))
+ADDED_COLUMNS = (("steps", "INTEGER"), ("learnt", "INTEGER"), ("stop_reason", "TEXT"), ("adapter_applied", "INTEGER"),
+                 ("gate_probes", "INTEGER"))
 
 STATES = ("queued", "trained", "rejected", "dropped")
 
@@ -66,7 +71,7 @@ class FeedbackRecord:
     request_digest: str
     prompt_ids: list[int]
     target_ids: list[int]
-    served_version: int | None
+    served_version: int | None  # the version that served the response (its adapter *and* its scope)
     state: str = "queued"
     trained_version: int | None = None
     reason: str | None = None
@@ -75,6 +80,8 @@ class FeedbackRecord:
     steps: int | None = None  # optimizer steps of its latest update
     learnt: bool | None = None  # the check after its last step found it learnt (None: not checked)
     stop_reason: str | None = None
+    adapter_applied: bool | None = None  # the served version's adapter answered (False: its scope left it to the base)
+    gate_probes: int | None = None  # probes the publish gate checked for its latest update (0: none to check)
 
     def public(self) -> dict:
         return {
@@ -84,6 +91,8 @@ class FeedbackRecord:
             "objective": self.objective,
             "weight": self.weight,
             "state": self.state,
+            "served_version": self.served_version,
+            "adapter_applied": self.adapter_applied,
             "trained_version": self.trained_version,
             "reason": self.reason,
             "prompt_tokens": len(self.prompt_ids),
@@ -91,6 +100,7 @@ class FeedbackRecord:
             "steps": self.steps,
             "learnt": self.learnt,
             "stop_reason": self.stop_reason,
+            "gate_probes": self.gate_probes,
             "created_at": self.created_at,
             "updated_at": self.updated_at,
         }
@@ -125,11 +135,12 @@ class Journal:
         with self._lock:
             self._db.execute(
                 "INSERT INTO feedback (feedback_id, completion_id, kind, objective, weight, request_digest, "
-                "prompt_ids, target_ids, served_version, state, trained_version, reason, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "prompt_ids, target_ids, served_version, state, trained_version, reason, created_at, updated_at, "
+                "adapter_applied) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (record.feedback_id, record.completion_id, record.kind, record.objective, record.weight,
                  record.request_digest, json.dumps(record.prompt_ids), json.dumps(record.target_ids),
-                 record.served_version, record.state, record.trained_version, record.reason, now, now),
+                 record.served_version, record.state, record.trained_version, record.reason, now, now,
+                 None if record.adapter_applied is None else int(record.adapter_applied)),
             )
         record.created_at = now
         return record
@@ -157,8 +168,9 @@ class Journal:
     def mark_trained(self, feedback_ids: list[str], version: int) -> None:
         self._update(feedback_ids, "trained", version, None)
 
-    def note_updates(self, rows: list[tuple[str | None, int, bool | None, str | None]]) -> None:
-        """``(feedback_id, steps, learnt, stop_reason)`` of an update that just ended (state unchanged)."""
+    def note_updates(self, rows: list[tuple[str | None, int, bool | None, str | None, int]]) -> None:
+        """``(feedback_id, steps, learnt, stop_reason, gate_probes)`` of an update that just ended
+        (the state is unchanged: ``trained`` comes with the version)."""
         rows = [row for row in rows if row[0] is not None]
         if not rows:
             return
@@ -167,9 +179,10 @@ class Journal:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 self._db.executemany(
-                    "UPDATE feedback SET steps = ?, learnt = ?, stop_reason = ?, updated_at = ? WHERE feedback_id = ?",
-                    [(steps, None if learnt is None else int(learnt), reason, now, feedback_id)
-                     for feedback_id, steps, learnt, reason in rows],
+                    "UPDATE feedback SET steps = ?, learnt = ?, stop_reason = ?, gate_probes = ?, updated_at = ? "
+                    "WHERE feedback_id = ?",
+                    [(steps, None if learnt is None else int(learnt), reason, probes, now, feedback_id)
+                     for feedback_id, steps, learnt, reason, probes in rows],
                 )
                 self._db.execute("COMMIT")
             except BaseException:
@@ -234,6 +247,8 @@ def _record(row: sqlite3.Row) -> FeedbackRecord:
         reason=row["reason"], created_at=row["created_at"], updated_at=row["updated_at"],
         steps=row["steps"], learnt=None if row["learnt"] is None else bool(row["learnt"]),
         stop_reason=row["stop_reason"],
+        adapter_applied=None if row["adapter_applied"] is None else bool(row["adapter_applied"]),
+        gate_probes=row["gate_probes"],
     )
 
 

@@ -264,11 +264,7 @@ class TrainingLane:
         self.counters.updates_completed += 1
         self.counters.note(outcome)
         self.counters.last_update = outcome.public()
-        try:  # what the update did, on each record; informational: a full disk must not lose the update
-            self.journal.note_updates([(item.feedback_id, outcome.passes, learnt, outcome.stop_reason)
-                                       for item, learnt in zip(items, outcome.learnt, strict=True)])
-        except Exception as error:  # noqa: BLE001 - storage failures of any kind are logged the same way
-            logger.warning("sglang_alchemist: could not note an update in the journal: %s", error)
+        self.note_in_journal(outcome)
         if outcome.accepted:
             self._accepted.append(outcome)
             return
@@ -283,6 +279,16 @@ class TrainingLane:
             return
         self.journal.mark_rejected([items[0].feedback_id], reason)
         logger.warning("sglang_alchemist: feedback %s not published: %s", items[0].feedback_id, reason)
+
+    def note_in_journal(self, outcome: UpdateOutcome) -> None:
+        """What the update did, on each of its feedback's records (steps, learnt, why it stopped, the
+        gate's probes). Informational: a full disk must not lose the update, so a failure is logged."""
+        try:
+            self.journal.note_updates([(item.feedback_id, outcome.passes, learnt, outcome.stop_reason,
+                                        outcome.gate_probes)
+                                       for item, learnt in zip(outcome.items, outcome.learnt, strict=True)])
+        except Exception as error:  # noqa: BLE001 - storage failures of any kind are logged the same way
+            logger.warning("sglang_alchemist: could not note an update in the journal: %s", error)
 
     def _publish(self) -> SliceInfo:
         accepted, self._accepted = self._accepted, []

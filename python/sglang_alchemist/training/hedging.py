@@ -8,10 +8,13 @@ square), so the choice is made per layer from measured rates:
     reload_s    = host_bytes(layer) / copy_bytes_per_s
     recompute_s = layer_flops(prompt_tokens) / compute_flops_per_s + input_bytes / copy_bytes_per_s
 
-Both rates are exponential moving averages of what the trainer measures (copies timed by the
-store, forwards timed by the trainer), seeded with a one-off measurement at start-up. On a
-machine without a GPU both tiers are the same RAM, the copy is free and reloading always
-wins. ``--alchemist-hedge reload|recompute`` forces one choice. Decisions are counted.
+Both rates are measured once, at start-up (:func:`measure_rates`: one 1024x1024 matmul on the
+serving device for compute; on CUDA one 32 MiB pinned host-to-device copy for the copy rate).
+They are not updated from the trainer's own work: timing its copies and forwards on CUDA would
+take a synchronisation per slice, and on a machine without a GPU there is nothing to decide -
+both tiers are the same RAM, a "reload" copies nothing and always wins. So on CPU every host-tier
+layer is reloaded; on CUDA the choice follows the start-up rates. ``--alchemist-hedge
+reload|recompute`` forces one choice. Decisions are counted (status ``training.hedge``).
 """
 
 from __future__ import annotations
@@ -46,7 +49,6 @@ class CostModelHedge:
     copy_bytes_per_s: float = float("inf")
     compute_flops_per_s: float = 1e10
     counters: HedgeCounters = field(default_factory=HedgeCounters)
-    smoothing: float = 0.2
 
     def recompute_layer(self, activations, layer: int) -> bool:
         if self.mode == "auto":
@@ -61,19 +63,6 @@ class CostModelHedge:
         else:
             self.counters.reload += 1
         return choose_recompute
-
-    def observe_compute(self, flops: float, seconds: float) -> None:
-        if seconds > 0 and flops > 0:
-            self.compute_flops_per_s = self._blend(self.compute_flops_per_s, flops / seconds)
-
-    def observe_copy(self, nbytes: int, seconds: float) -> None:
-        if seconds > 0 and nbytes > 0:
-            self.copy_bytes_per_s = self._blend(self.copy_bytes_per_s, nbytes / seconds)
-
-    def _blend(self, old: float, new: float) -> float:
-        if old == float("inf"):
-            return new
-        return (1 - self.smoothing) * old + self.smoothing * new
 
     def status(self) -> dict:
         return {

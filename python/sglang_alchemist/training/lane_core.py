@@ -85,20 +85,27 @@ class UpdateOutcome:
     busy_seconds: float = 0.0  # training-thread seconds the update took
 
     @property
+    def gate_probes(self) -> int:
+        """Probes the publish gate checked before this update's verdict (0: it had nothing to check)."""
+        return self.gate.probes if self.gate is not None else 0
+
+    @property
     def item(self) -> TrainingItem:
         return self.items[0]
 
     def public(self) -> dict:
         return {"feedback_ids": [item.feedback_id for item in self.items], "accepted": self.accepted,
                 "steps": self.passes, "learnt": self.learnt, "margins": self.margins,
-                "stop_reason": self.stop_reason, "losses": self.losses,
+                "stop_reason": self.stop_reason, "losses": self.losses, "gate_probes": self.gate_probes,
                 "gate": self.gate.public() if self.gate else None, "seconds": self.seconds,
                 "busy_seconds": self.busy_seconds, "paths": self.paths}
 
 
 @dataclass
 class GateCounters:
-    checks: int = 0
+    checks: int = 0  # gate verdicts that checked at least one probe (repair rounds included)
+    probes_checked: int = 0  # probes answered over all of them
+    updates_unchecked: int = 0  # updates published with no probe to check (none in the candidate's scope)
     rejections: int = 0
     last_rejection: dict | None = None
 
@@ -146,6 +153,8 @@ class LearningCore:
             self.trainer.anchor = OutputAnchor.load(self._anchor_cache, model, self.anchor_weight)
         self._prepared = False
         self._preparing: dict = {}
+        # what ``prepare`` computed (the rest came from the cache): guard answers, anchor, trunk records
+        self._prepared_work: dict = {"computed": {}}
 
     # --- one feedback -------------------------------------------------------------------------
 
@@ -177,6 +186,8 @@ class LearningCore:
             update.repair(mend, REPAIR_PASSES)
             repairs += 1
         accepted = gate is None or gate.passed
+        if gate is None or gate.probes == 0:
+            self.gate.updates_unchecked += 1
         if accepted:
             self.good = self.trainer.snapshot()
             for item, description in zip(items, learnt or [None] * len(items), strict=True):
@@ -322,8 +333,8 @@ class LearningCore:
         return self._prepared
 
     def preparation(self) -> dict:
-        """Where ``prepare`` stands (status: ``training.learner``)."""
-        return {"ready": self._prepared, **self._preparing}
+        """Where ``prepare`` stands, and what it had to compute rather than load (status: ``training.learner``)."""
+        return {"ready": self._prepared, **self._preparing, **self._prepared_work}
 
     def prepare(self) -> Generator[SliceInfo, None, None]:
         """Everything an update reads ahead of time, computed once per model and cached.
@@ -343,11 +354,14 @@ class LearningCore:
             return
         bank = [p for p in self.guard.prompts if p.pool != "user"]
         unanswered = [p for p in bank if p.answer_ids is None or p.teacher is None or p.base_flips is None]
+        computed = self._prepared_work["computed"]
+        computed["guard_answers"] = len(unanswered)
         self._preparing = {"stage": "guard_answers", "done": len(bank) - len(unanswered), "of": len(bank)}
         for start in range(0, len(unanswered), GUARD_BATCH):
             yield from self._ensure_answers(unanswered[start : start + GUARD_BATCH])
             self._preparing["done"] = min(len(bank), self._preparing["done"] + GUARD_BATCH)
         sequences = [p.prompt_ids + p.answer_ids for p in bank if p.answer_ids]
+        computed["output_anchor"] = self.anchor_weight > 0 and self.trainer.anchor is None
         if self.anchor_weight > 0 and self.trainer.anchor is None:
             self._preparing = {"stage": "output_anchor"}
             anchor = yield from OutputAnchor.compute(self.model, sequences, self.anchor_weight)
@@ -372,6 +386,7 @@ class LearningCore:
         keys = [trunk_key(p.prompt_ids, p.answer_ids) for p in prompts]
         cached = TrunkRecords.load_file(self._trunk_cache) if self._trunk_cache is not None else {}
         missing = [key for key in keys if key not in cached]
+        self._prepared_work["computed"]["trunk_records"] = len(missing)
         self._preparing = {"stage": "trunk_records", "done": len(keys) - len(missing), "of": len(keys)}
         computed = {}
         for start in range(0, len(missing), GUARD_BATCH):
@@ -404,7 +419,9 @@ class LearningCore:
         """
         # a bank probe counts only where the base model knows the answer (its own answer names a key)
         probes = [p for p in probes if p.answer_ids and (p.pool == "user" or self._names_a_key(p, p.answer_ids))]
-        self.gate.checks += 1
+        if probes:
+            self.gate.checks += 1
+            self.gate.probes_checked += len(probes)
         found = yield from self._regressions(self.trainer.adapter, probes)
         inherited: list[tuple[GuardPrompt, dict]] = []
         if found:
@@ -481,7 +498,8 @@ class LearningCore:
         return self.guard.key_words_of(prompt, frozenset(self.stop_ids))
 
     def gate_counters(self) -> dict:
-        return {"checks": self.gate.checks, "rejections": self.gate.rejections,
+        return {"checks": self.gate.checks, "probes_checked": self.gate.probes_checked,
+                "updates_unchecked": self.gate.updates_unchecked, "rejections": self.gate.rejections,
                 "last_rejection": self.gate.last_rejection}
 
 

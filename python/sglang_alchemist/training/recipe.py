@@ -54,7 +54,7 @@ class RecipeSettings:
     memory_size: int = 10_000
     rehearsal_objective: str = "distill"
     rehearsal_pool: int = 4  # the nearest ``rehearsal_pool * rehearsal`` guard prompts are drawn from
-    learnt_margin: float = 1.0  # see :func:`learnt` (infinite: every update runs all its steps)
+    learnt_margin: float = 0.5  # see :func:`learnt` (infinite: every update runs all its steps)
 
     @classmethod
     def from_config(cls, config) -> RecipeSettings:
@@ -165,6 +165,7 @@ class FeedbackUpdate:
                                 if guard else [])
         self._repair: list = []  # guard probes this update broke: rehearsed in every later step
         self.max_passes = 1 if all(item.kind == "accept" for item in items) else settings.passes
+        self.min_passes = 1  # a repair round runs all its steps, learnt or not
 
     @property
     def item(self) -> TrainingItem:
@@ -174,7 +175,7 @@ class FeedbackUpdate:
         """The publish gate found ``prompts`` regressed: ``passes`` more steps rehearse them with the rest."""
         known = {id(p) for p in self._repair}
         self._repair += [p for p in prompts if id(p) not in known and p.answer_ids]
-        self.max_passes = self.passes_done + passes
+        self.max_passes = self.min_passes = self.passes_done + passes
         self._stopped = False
         self.stop_reason = None
 
@@ -225,7 +226,7 @@ class FeedbackUpdate:
             self.learnt[index] = learnt(self.items[index].objective, result.margins, self.settings.learnt_margin)
             if result.margins:
                 self.margins[index] = min(result.margins)
-        if checked and all(self.learnt.get(index) for index in checked):
+        if checked and all(self.learnt.get(index) for index in checked) and self.passes_done >= self.min_passes:
             self._stopped = True
             self.stop_reason = "learnt"
 
@@ -238,7 +239,7 @@ class FeedbackUpdate:
         return self.passes_done == 0
 
 
-def learnt(objective: str, margins: list[float] | None, margin: float = 1.0) -> bool:
+def learnt(objective: str, margins: list[float] | None, margin: float = 0.5) -> bool:
     """Whether the model now gives a feedback's answer, from a teacher-forced check.
 
     A wanted answer (``sft``: correction, accept, external) is learnt when greedy decoding
