@@ -57,7 +57,7 @@ def test_help_lists_every_alchemist_flag_with_its_default_and_sglang_flags():
     help_text = " ".join(result.stdout.split())  # argparse wraps lines
     for spec in fields(AlchemistConfig):
         assert flag_name(spec.name) in help_text
-    assert "(default: all)" in help_text and "(default: 0.002)" in help_text
+    assert "(default: all)" in help_text and "(default: 0.003)" in help_text
     assert "--model-path" in help_text and "--chunked-prefill-size" in help_text
 
 

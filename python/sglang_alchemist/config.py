@@ -232,7 +232,8 @@ class AlchemistConfig:
     feedback_batch: int = _flag(
         8,
         "Most feedback items one update trains together: when several are waiting (a burst), they are "
-        "learnt in one update and one version instead of one after another.",
+        "learnt in one update and one version instead of one after another (up to 1024 prompt and "
+        "target tokens between them).",
         check=_positive_int,
     )
     replay_feedback: int = _flag(

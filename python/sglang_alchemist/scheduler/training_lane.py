@@ -54,6 +54,9 @@ logger = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 2
 PUBLISH = "publish"
+# A batch stops growing past this many rows (prompt + target tokens): a burst of short corrections
+# trains together, a backlog of long exchanges does not make one step as long as all of them.
+BATCH_ROWS = 1024
 
 
 @dataclass
@@ -225,14 +228,17 @@ class TrainingLane:
 
     def _take_batch(self) -> tuple[list[TrainingItem], int]:
         """The next update's feedback: the head of the queue, up to ``batch_size`` items with different
-        prompts (a later answer to the same prompt waits for the next update: the latest one wins);
-        an item that was rejected in a batch trains alone. Returns the items and how many were dropped."""
+        prompts (a later answer to the same prompt waits for the next update: the latest one wins) and
+        ``BATCH_ROWS`` rows between them; an item that was rejected in a batch trains alone. Returns
+        the items and how many were dropped."""
         items: list[TrainingItem] = []
         prompts: set[tuple[int, ...]] = set()
-        dropped = 0
+        dropped, rows = 0, 0
         while self.queue and len(items) < self.batch_size:
             item = self.queue[0]
-            if items and (item.alone or items[0].alone or tuple(item.prompt_ids) in prompts):
+            size = len(item.prompt_ids) + len(item.target_ids)
+            if items and (item.alone or items[0].alone or tuple(item.prompt_ids) in prompts
+                          or rows + size > BATCH_ROWS):
                 break
             self.queue.popleft()
             reason = self._unusable(item)
@@ -242,6 +248,7 @@ class TrainingLane:
                 continue
             items.append(item)
             prompts.add(tuple(item.prompt_ids))
+            rows += size
         return items, dropped
 
     def _unusable(self, item: TrainingItem) -> str | None:
