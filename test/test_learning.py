@@ -395,3 +395,15 @@ def test_a_record_of_older_weights_is_replayed_only_when_allowed_and_then_report
         assert trainer.replay_blocker(item) is None
         assert (again.results[0].path, again.results[0].staleness) == ("replay", 1)
         assert trainer.status()["stale_replays"] == {"1": 1}
+
+
+def test_replayed_feedback_stays_within_its_row_budget_passing_over_long_items():
+    memory = FeedbackMemory(100)
+    words = frozenset({"capital"})
+    memory.add(Remembered("long", list(range(1000)), [1, 2], "sft", 1.0, words))  # most similar, too long
+    for index in range(6):
+        memory.add(Remembered(f"short-{index}", [5, 6, index], [7], "sft", 1.0, words if index < 2 else frozenset()))
+    picked = memory.pick(words, 4, 0.5, random.Random(0), max_rows=40)
+    assert len(picked) == 4 and "long" not in {item.feedback_id for item in picked}
+    assert sum(len(item.prompt_ids) + len(item.target_ids) for item in picked) <= 40
+    assert "long" in {item.feedback_id for item in memory.pick(words, 4, 0.5, random.Random(0))}  # no budget

@@ -34,9 +34,11 @@ from collections import Counter, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 DISTINCTIVE_ZIPF = 2.5  # wordfreq Zipf scale: log10 of uses per billion words; 2.5 = 0.3 per million
 NEAR_REPEAT = 0.8  # cosine of rarity-weighted words at or above which a request repeats a learnt prompt
+SAME_MEANING = 0.6  # cosine of sentence embeddings at or above which a request asks what a learnt prompt asked
 MAX_ZIPF = 8.0  # the most frequent English words sit near 7.7 ("the")
 BACKGROUND_WINDOW = 200  # recent requests over which a word's share is counted
 BACKGROUND_MIN_REQUESTS = 20
@@ -62,39 +64,102 @@ def weight(word: str) -> float:
     return max(0.0, MAX_ZIPF - zipf(word))
 
 
+ROLES = frozenset({"system", "user", "assistant", "human", "gpt", "model", "tool", "developer"})
+
+
+class ChatText:
+    """The messages of a rendered chat prompt, with the chat template's own text taken out.
+
+    A rendered prompt is split on the tokenizer's special tokens (``<|im_start|>``, ``<|eot_id|>``,
+    ...); a piece's first line naming a role (``user``, ``assistant``, ...) gives the role of what
+    follows; pieces the template renders around an empty message (a default system prompt) are
+    boilerplate and dropped. Text that is not a chat prompt is one message of no known role.
+    """
+
+    def __init__(self, rendered_empty: str = "", special_tokens: Iterable[str] = ()) -> None:
+        markers = sorted({token for token in special_tokens if token and len(token) > 1}, key=len, reverse=True)
+        self._split = re.compile("|".join(re.escape(m) for m in markers)) if markers else None
+        self.boilerplate = frozenset(content for _, content in self._segments(rendered_empty) if content)
+
+    def _segments(self, text: str) -> list[tuple[str | None, str]]:
+        pieces = self._split.split(text) if self._split is not None else [text]
+        segments, role = [], None
+        for piece in pieces:
+            stripped = piece.strip()
+            if not stripped:
+                continue
+            first, _, rest = stripped.partition("\n")
+            if first.strip().lower() in ROLES:
+                role, stripped = first.strip().lower(), rest.strip()
+            if stripped:
+                segments.append((role, stripped))
+        return segments
+
+    def messages(self, text: str) -> list[tuple[str | None, str]]:
+        """``(role, content)`` of each message, boilerplate left out (role None: unknown)."""
+        return [(role, content) for role, content in self._segments(text) if content not in self.boilerplate]
+
+    def user_texts(self, text: str) -> list[str]:
+        """What a request asks, to compare by meaning: its last user message and, in a conversation,
+        all its user messages together (a follow-up naming its subject only through the conversation)."""
+        asked = [content for role, content in self.messages(text) if role in (None, "user", "human")]
+        if not asked:
+            return []
+        return [asked[-1]] + ([" ".join(asked)] if len(asked) > 1 else [])
+
+
 @dataclass(frozen=True)
 class Learnt:
-    """One learnt prompt, reduced to what scope decisions read."""
+    """One learnt prompt (or a request), reduced to what scope decisions read."""
 
     keys: frozenset[str]  # its distinctive words
     vector: dict[str, float]  # rarity-weighted words, unit norm
+    meaning: Any = None  # [rows, dim] unit vectors of its user text (``feedback/meaning.py``), or None
 
 
 class Scope:
     """The learnt prompts of one served version, and the test a request's text must pass."""
 
     @classmethod
-    def for_template(cls, rendered: str) -> Scope:
-        """A scope leaving out the words of ``rendered``: the chat template around an empty message."""
-        return cls(_WORD.findall(rendered.lower()))
+    def for_template(cls, rendered: str, special_tokens: Iterable[str] = (), encoder=None,
+                     similarity: float = SAME_MEANING) -> Scope:
+        """A scope leaving out ``rendered``, the chat template around an empty message: its words
+        for the rare-word rules, its text for the meaning."""
+        return cls(_WORD.findall(rendered.lower()), ChatText(rendered, special_tokens), encoder, similarity)
 
-    def __init__(self, template_words: Iterable[str] = ()) -> None:
+    def __init__(self, template_words: Iterable[str] = (), chat: ChatText | None = None, encoder=None,
+                 similarity: float = SAME_MEANING) -> None:
         self.template_words = frozenset(template_words)
+        self.chat = chat or ChatText()
+        self.encoder = encoder  # None: rare words and near repeats only
+        self.similarity = similarity
         self.learnt: list[Learnt] = []
         self._by_key: dict[str, int] = {}  # distinctive word -> learnt prompts naming it
         self._by_word: dict[str, list[int]] = {}  # any weighted word -> learnt prompts containing it
+        self._meanings: list[Any] = []  # every learnt prompt's meaning rows
+        self._matrix = None  # ... stacked, built on first use after a change
 
     # --- building ---------------------------------------------------------------------------
 
     def words(self, text: str) -> set[str]:
         return {word for word in _WORD.findall(text.lower()) if word not in self.template_words}
 
-    def describe(self, text: str) -> Learnt:
+    def describe(self, text: str, meaning: bool = True) -> Learnt:
+        """``text`` (a rendered prompt) as scope decisions read it; ``meaning`` False leaves its
+        embedding out (a request whose words already decided)."""
         words = self.words(text)
         vector = {word: weight(word) for word in words if weight(word) > 0}
         norm = math.sqrt(sum(value * value for value in vector.values())) or 1.0
         return Learnt(frozenset(w for w in words if distinctive(w)),
-                      {word: value / norm for word, value in vector.items()})
+                      {word: value / norm for word, value in vector.items()},
+                      self.meaning_of(text) if meaning else None)
+
+    def meaning_of(self, text: str):
+        """Unit vectors of what ``text`` asks (``ChatText.user_texts``); None without an encoder."""
+        if self.encoder is None:
+            return None
+        asked = self.chat.user_texts(text)
+        return self.encoder.embed(asked) if asked else None
 
     def add(self, learnt: Learnt) -> None:
         index = len(self.learnt)
@@ -103,6 +168,9 @@ class Scope:
             self._by_key[key] = self._by_key.get(key, 0) + 1
         for word in learnt.vector:
             self._by_word.setdefault(word, []).append(index)
+        if learnt.meaning is not None:
+            self._meanings.append(learnt.meaning[:1])  # a learnt prompt is its last user message
+            self._matrix = None
 
     # --- deciding ---------------------------------------------------------------------------
 
@@ -113,7 +181,7 @@ class Scope:
         and says which ones most recent requests share. ``also``: more learnt prompts (the
         publish gate asks about a candidate version: the served scope plus its feedback).
         """
-        request = self.describe(text)
+        request = self.describe(text, meaning=False)
         background = traffic.observe(request.keys) if traffic is not None else set()
         known = [key for key in request.keys if key not in background]
         if any(key in self._by_key or any(key in extra.keys for extra in also) for key in known):
@@ -121,7 +189,24 @@ class Scope:
         nearest = self.nearest(request)
         for extra in also:
             nearest = max(nearest, sum(value * extra.vector.get(word, 0.0) for word, value in request.vector.items()))
-        return nearest >= NEAR_REPEAT
+        if nearest >= NEAR_REPEAT:
+            return True
+        return self.closest_meaning(text, also) >= self.similarity
+
+    def closest_meaning(self, text: str, also: Sequence[Learnt] = ()) -> float:
+        """The highest cosine between what ``text`` asks and a learnt prompt (0 without an encoder)."""
+        learnt = [extra.meaning[:1] for extra in also if extra.meaning is not None]
+        if self.encoder is None or not (self._meanings or learnt):
+            return 0.0
+        asked = self.meaning_of(text)
+        if asked is None:
+            return 0.0
+        import torch
+
+        if self._matrix is None and self._meanings:
+            self._matrix = torch.cat(self._meanings)
+        known = [m for m in ([self._matrix] if self._matrix is not None else []) + learnt]
+        return float((asked @ torch.cat(known).T).max())
 
     def nearest(self, request: Learnt) -> float:
         """The highest cosine between ``request`` and a learnt prompt sharing a word with it."""
@@ -133,7 +218,8 @@ class Scope:
         return best
 
     def status(self) -> dict:
-        return {"learnt_prompts": len(self.learnt), "distinctive_words": len(self._by_key)}
+        return {"learnt_prompts": len(self.learnt), "distinctive_words": len(self._by_key),
+                "by_meaning": self.encoder is not None, "meaning_similarity": self.similarity}
 
 
 class Traffic:

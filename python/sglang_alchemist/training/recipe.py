@@ -9,7 +9,8 @@ template. Feedback therefore becomes an **update**: optimizer steps, each over o
 - the feedback items themselves (weight 1 each): one, or when several wait, up to
   ``--alchemist-feedback-batch`` trained together;
 - ``--alchemist-replay-feedback`` *earlier* feedback items (experience replay: keeps earlier
-  facts; half of them the most similar to this feedback, half at random);
+  facts; half of them the most similar to this feedback, half at random; at most
+  ``replay_rows`` tokens between them, so long prompts do not make every step long);
 - ``--alchemist-rehearsal`` guard prompts with the base model's own answers, the nearest ones
   to this feedback (``training/guard.py``: keeps what the base model knew near the relation the
   feedback touches).
@@ -55,6 +56,9 @@ class RecipeSettings:
     rehearsal_objective: str = "distill"
     rehearsal_pool: int = 4  # the nearest ``rehearsal_pool * rehearsal`` guard prompts are drawn from
     learnt_margin: float = 0.5  # see :func:`learnt` (infinite: every update runs all its steps)
+    # replayed feedback's rows per step: four short corrections fit, two long prompts at most (a
+    # step of several 1,000-token replays took longer than a whole short update)
+    replay_rows: int = 2048
 
     @classmethod
     def from_config(cls, config) -> RecipeSettings:
@@ -112,11 +116,13 @@ class FeedbackMemory:
 
     def pick(self, words: frozenset[str], count: int, similar_share: float, rng: random.Random,
              exclude: set[str] | frozenset[str] = frozenset(),
-             superseding: list[tuple[list[int], str]] = ()) -> list[Remembered]:
+             superseding: list[tuple[list[int], str]] = (), max_rows: int | None = None) -> list[Remembered]:
         """Up to ``count`` remembered items, ``similar_share`` of them the most similar to ``words``.
 
         ``exclude``: feedback ids left out (the ones being trained); ``superseding`` (the current
-        items' prompts and objectives) leaves out what they replace.
+        items' prompts and objectives) leaves out what they replace; ``max_rows``: the chosen
+        items' prompt and target tokens together stay within it (a long item that does not fit is
+        passed over for the next candidate).
         """
         pool = [item for item in self.items if item.feedback_id not in exclude
                 and not any(item.superseded_by(*pair) for pair in superseding)]
@@ -124,9 +130,17 @@ class FeedbackMemory:
             return []
         similar = round(count * similar_share)
         ranked = sorted(pool, key=lambda item: -similarity(words, item.words))
-        chosen = ranked[:similar]
-        rest = [item for item in pool if item not in chosen]
-        chosen += rng.sample(rest, min(len(rest), count - len(chosen)))
+        rest = ranked[similar:]
+        candidates = ranked[:similar] + rng.sample(rest, len(rest))
+        chosen, rows = [], 0
+        for item in candidates:
+            size = len(item.prompt_ids) + len(item.target_ids)
+            if max_rows is not None and rows + size > max_rows:
+                continue
+            chosen.append(item)
+            rows += size
+            if len(chosen) == count:
+                break
         return chosen
 
     def __len__(self) -> int:
@@ -197,7 +211,8 @@ class FeedbackUpdate:
         weights = [1.0] * len(items)
         ids = {item.feedback_id for item in self.items}
         for old in self.memory.pick(self.words, settings.replay, settings.replay_similar_share, self.rng,
-                                    exclude=ids, superseding=[(i.prompt_ids, i.objective) for i in self.items]):
+                                    exclude=ids, superseding=[(i.prompt_ids, i.objective) for i in self.items],
+                                    max_rows=settings.replay_rows):
             items.append(TrainingItem(None, old.prompt_ids, old.target_ids, old.objective, old.weight, role="replay"))
             weights.append(settings.replay_weight)
         ready = [p for p in self._rehearsal_pool if p.answer_ids]
