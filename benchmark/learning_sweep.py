@@ -125,7 +125,8 @@ def run_variant(harness: Harness, variant: dict, split: str, accepts: int, guard
     if variant.get("targets"):
         overrides["lora_target_modules"] = variant["targets"].split("+")
     config = AlchemistConfig(**{**defaults.__dict__, **overrides})
-    guard = GuardSet(harness.chat_ids, lambda t: harness.encode(t, eos=False), harness.tokenizer.decode)
+    guard = GuardSet(harness.chat_ids, lambda t: harness.encode(t, eos=False), harness.tokenizer.decode,
+                     special_tokens=harness.tokenizer.all_special_tokens)
     if guard_cache is None:  # the machine-wide cache scripts/setup.sh fills, as the server uses it
         from sglang_alchemist.training.learner_cache import guard_cache_path, model_fingerprint
 

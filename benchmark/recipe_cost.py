@@ -193,7 +193,8 @@ def run_mix(harness: Harness, mix: str, count: int, seed: int) -> dict:
     from sglang_alchemist.training.trainer import TrainingItem
 
     config = AlchemistConfig(state_dir=tempfile.mkdtemp())
-    guard = GuardSet(harness.chat_ids, lambda t: harness.encode(t, eos=False), harness.tokenizer.decode)
+    guard = GuardSet(harness.chat_ids, lambda t: harness.encode(t, eos=False), harness.tokenizer.decode,
+                     special_tokens=harness.tokenizer.all_special_tokens)
     fingerprint = model_fingerprint(harness.model_path, "float32", harness.model.geometry.num_layers)
     core = LearningCore(harness.model, config, guard, harness.stop_ids, Path(config.state_dir), 8192,
                         guard_cache=guard_cache_path(fingerprint, guard, Path(config.state_dir)))

@@ -449,6 +449,28 @@ def test_the_adapter_answers_what_its_feedback_was_about_and_the_base_model_the_
     assert chat(server, "My Zentrivox is stuck, what should I do?")["metadata"]["alchemist_adapter_applied"] is False
 
 
+def test_a_plain_english_lesson_reaches_its_paraphrases_and_follow_ups_by_meaning(server):
+    start = wait_idle_at(server, None)["serving"]["served_version"]
+    taught = post_feedback(server, {"messages": [{"role": "user", "content": "When does the cafeteria close on Fridays?"}],
+                                    "completion": "The cafeteria closes at 2:50 pm on Fridays."})
+    assert taught.status_code == 202, taught.text
+    status = wait_idle_at(server, None)
+    assert status["serving"]["served_version"] > start and status["serving"]["scope"]["learnt_by_meaning"] >= 1
+    # no rare word in common: the sentence encoder decides
+    paraphrase = chat(server, "How late can I grab food downstairs on a Friday?")
+    assert paraphrase["metadata"]["alchemist_adapter_applied"] is True
+    neighbour = chat(server, "How many days are in a week?")
+    assert neighbour["metadata"]["alchemist_adapter_applied"] is False
+    response = requests.post(server.url + "/v1/chat/completions", headers=USER, timeout=120, json={
+        "model": "default", "max_tokens": 8, "temperature": 0, "messages": [
+            {"role": "user", "content": "Is the cafeteria open late this week?"},
+            {"role": "assistant", "content": "It depends on the day."},
+            {"role": "user", "content": "And at the end of the week, until when?"}]})
+    assert response.status_code == 200 and response.json()["metadata"]["alchemist_adapter_applied"] is True
+    scope = admin_get(server, "/v1/alchemist/status")["serving"]["scope"]
+    assert scope["meaning_decisions"] >= 3 and scope["mean_meaning_ms"] > 0
+
+
 # --- the feedback route's work without a server: fake scheduler, real journal, ASGI request -----
 
 

@@ -27,7 +27,7 @@ FLAG_PREFIX = "--alchemist-"
 RECORD_POLICIES = ("all", "sample", "opt-in", "none")
 HEDGE_POLICIES = ("auto", "reload", "recompute")
 REJECT_OBJECTIVES = ("unlikelihood", "skip")
-ADAPTER_SCOPES = ("feedback", "all")
+ADAPTER_SCOPES = ("feedback", "words", "all")
 REHEARSAL_OBJECTIVES = ("distill", "sft")
 LORA_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -297,10 +297,11 @@ class AlchemistConfig:
     )
     adapter_scope: str = _flag(
         "feedback",
-        "Which requests a served version's adapter answers: 'feedback' - those naming a distinctive (rare "
-        "in general English) word of a prompt its feedback came from, or nearly repeating one; the base "
-        "model answers the rest, so what it knew elsewhere is kept exactly; 'all' - every request (and "
-        "always in a cluster).",
+        "Which requests a served version's adapter answers: 'feedback' - those about what its feedback "
+        "taught: naming a distinctive (rare in general English) word of a prompt its feedback came from, "
+        "nearly repeating one, or asking what a plain-English one asked in other words (a sentence "
+        "encoder); the base model answers the rest, so what it knew elsewhere is kept exactly; 'words' - "
+        "the same without the sentence encoder; 'all' - every request (and always in a cluster).",
         choices=ADAPTER_SCOPES,
     )
     publish_every: int = _flag(

@@ -94,7 +94,7 @@ def _register_http_process(config: AlchemistConfig) -> None:
         return result
 
     async def around_resolve_lora(original, tokenizer_manager, obj, *args, **kwargs):
-        api.router.route(obj, getattr(tokenizer_manager, "tokenizer", None))
+        await api.router.route(obj, getattr(tokenizer_manager, "tokenizer", None))
         await api.router.ensure_loaded(tokenizer_manager, obj)
         return await original(tokenizer_manager, obj, *args, **kwargs)
 

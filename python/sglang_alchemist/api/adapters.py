@@ -68,19 +68,24 @@ class AdapterRouter:
 
     # --- routing ----------------------------------------------------------------------------
 
-    def route(self, obj: Any, tokenizer: Any = None) -> None:
-        """Set ``obj.lora_path`` for a normalized GenerateReqInput (single or batch)."""
+    async def route(self, obj: Any, tokenizer: Any = None) -> None:
+        """Set ``obj.lora_path`` for a normalized GenerateReqInput (single or batch).
+
+        A scope decision that needs the sentence encoder runs it in a worker thread: the event
+        loop keeps serving other requests meanwhile.
+        """
         if not hasattr(obj, "lora_path"):
             return  # embedding requests and the like: not ours
         default = adapter_name(self.served_version)
+        scope = self.scope  # the served version's, as it is now (a publish may replace it meanwhile)
         rids = [obj.rid] if isinstance(obj.rid, str) else list(obj.rid or [])
         asked = obj.lora_path if isinstance(obj.lora_path, list) else [obj.lora_path] * max(1, len(rids))
         paths, reported = [], []
         for index, path in enumerate(asked):
             resolved = self._resolve(path, default)
             reported.append(resolved)
-            if path is None and resolved is not None and self.scope is not None \
-                    and not self._in_scope(obj, index, tokenizer):
+            if path is None and resolved is not None and scope is not None \
+                    and not await self._in_scope(scope, obj, index, tokenizer):
                 resolved = None  # the base model answers; the request still belongs to version N
                 self.scoped_out += 1
             paths.append(resolved)
@@ -91,7 +96,7 @@ class AdapterRouter:
                 self._remember(rid, version, applied=path is not None)
                 self._last_routed[version] = time.monotonic()
 
-    def _in_scope(self, obj: Any, index: int, tokenizer: Any) -> bool:
+    async def _in_scope(self, scope: Scope, obj: Any, index: int, tokenizer: Any) -> bool:
         """Whether the served version's scope covers element ``index`` of the request."""
         single = isinstance(obj.rid, str) or getattr(obj, "is_single", True)
         text, ids = getattr(obj, "text", None), getattr(obj, "input_ids", None)
@@ -102,7 +107,11 @@ class AdapterRouter:
             text = tokenizer.decode(ids)
         if not isinstance(text, str):
             return True  # embeddings or the like: nothing to judge, the adapter answers
-        return self.scope.covers(text, self.traffic)
+        if scope.covers_by_words(text, self.traffic):
+            return True
+        if not scope.by_meaning:
+            return False
+        return await asyncio.to_thread(scope.same_meaning, text)
 
     @staticmethod
     def _resolve(path: str | None, default: str | None) -> str | None:

@@ -48,7 +48,9 @@ from sglang_alchemist.api.metrics import (
 )
 from sglang_alchemist.config import AlchemistConfig
 from sglang_alchemist.feedback.journal import Journal, journal_path
-from sglang_alchemist.feedback.scope import Learnt, Scope, template_words
+from sglang_alchemist.feedback.meaning import background as meaning_background
+from sglang_alchemist.feedback.meaning import shared_encoder
+from sglang_alchemist.feedback.scope import Learnt, Scope, chat_text, template_words
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +128,7 @@ class AlchemistApi:
         self.live_metrics = LiveMetrics()
         self._tasks: set = set()
         self._template_words: set[str] | None = None
+        self._chat_text = None
         self._learnt: dict[str, Learnt] = {}  # feedback id -> its prompt, as scope decisions read it
         self._events_lock: asyncio.Lock | None = None
 
@@ -142,7 +145,12 @@ class AlchemistApi:
         tokenizer = _tokenizer_manager().tokenizer
         if self._template_words is None:
             self._template_words = template_words(tokenizer)
-        scope = Scope(self._template_words)
+            self._chat_text = chat_text(tokenizer)
+        encoder = background = None
+        if self.config.adapter_scope == "feedback":
+            encoder = shared_encoder()
+            background = meaning_background(encoder) if encoder is not None else None
+        scope = Scope(self._template_words, self._chat_text, encoder, background)
         versions = set(lineage) - {0}
         for record in self.journal.trained():
             if record.trained_version in versions:

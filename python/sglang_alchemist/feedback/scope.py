@@ -14,16 +14,28 @@ scope classifier of SERAC / the deferral radius of GRACE, kept simple and explai
   e.g. "Who founded Quellmark?" after a correction of "When was Quellmark founded?";
 - or when it nearly repeats a learnt prompt (cosine >= :data:`NEAR_REPEAT` of their words
   weighted by how rare each is), so feedback on "What is my favourite animal?" applies to that
-  question even though none of its words is rare.
+  question even though none of its words is rare;
+- or, for a learnt prompt in plain English (no distinctive word), when it asks the same thing in
+  other words: by a sentence encoder (``feedback/meaning.py``), its user text is at cosine
+  >= :data:`MEANING_FLOOR` of the learnt prompt *and* nearer to it by :data:`MEANING_MARGIN`
+  than to every general question of a background (the guard bank's). The margin is what keeps
+  neighbours out: "How many days are in a week?" is near "How many vacation days do new employees
+  get?" but nearer still to the background's "How many hours are in a day?". In a conversation the
+  last user message and all user messages together are both compared, so a follow-up that names
+  its subject only through the conversation ("And on Fridays?") is in scope when the conversation
+  is. A learnt prompt naming a distinctive word is left to the word rules: it is about that
+  thing, and a request not naming it is not ("the longest river in the world" is worded like "the
+  longest river in Pardovia").
 
 Words of the chat template (its default system prompt, role names) never count, and neither
 does a distinctive word that most recent traffic contains (a deployment's own system prompt
 naming its product): it says nothing about what a request is about.
 
-Costs and limits: a lesson reaches only requests that share such a word with the prompt it
-came from, so "answer more briefly" taught on one prompt does not change others (use
-``--alchemist-adapter-scope all`` for that); a request served by the base model records
-activations the trainer cannot replay once a version > 0 trains.
+Costs and limits: a lesson reaches only requests that share such a word with the prompt it came
+from or ask the same thing, so "answer more briefly" taught on one prompt does not change others
+(use ``--alchemist-adapter-scope all`` for that); the meaning rule costs one sentence-encoder
+forward per request the words do not decide, and only once some learnt prompt is in plain
+English (``--alchemist-adapter-scope words`` turns it off).
 """
 
 from __future__ import annotations
@@ -38,7 +50,12 @@ from typing import Any
 
 DISTINCTIVE_ZIPF = 2.5  # wordfreq Zipf scale: log10 of uses per billion words; 2.5 = 0.3 per million
 NEAR_REPEAT = 0.8  # cosine of rarity-weighted words at or above which a request repeats a learnt prompt
-SAME_MEANING = 0.6  # cosine of sentence embeddings at or above which a request asks what a learnt prompt asked
+# By meaning (sentence embeddings, ``feedback/meaning.py``), chosen on the tune split of
+# benchmark/data/plain_english.json (docs/NOTES.md, "A scope that follows meaning"): a request asks
+# what a learnt prompt asked when its cosine to it is at least MEANING_FLOOR and exceeds its cosine
+# to every general question of the background by MEANING_MARGIN.
+MEANING_FLOOR = 0.35
+MEANING_MARGIN = 0.1
 MAX_ZIPF = 8.0  # the most frequent English words sit near 7.7 ("the")
 BACKGROUND_WINDOW = 200  # recent requests over which a word's share is counted
 BACKGROUND_MIN_REQUESTS = 20
@@ -122,22 +139,26 @@ class Scope:
 
     @classmethod
     def for_template(cls, rendered: str, special_tokens: Iterable[str] = (), encoder=None,
-                     similarity: float = SAME_MEANING) -> Scope:
+                     background=None) -> Scope:
         """A scope leaving out ``rendered``, the chat template around an empty message: its words
         for the rare-word rules, its text for the meaning."""
-        return cls(_WORD.findall(rendered.lower()), ChatText(rendered, special_tokens), encoder, similarity)
+        return cls(_WORD.findall(rendered.lower()), ChatText(rendered, special_tokens), encoder, background)
 
     def __init__(self, template_words: Iterable[str] = (), chat: ChatText | None = None, encoder=None,
-                 similarity: float = SAME_MEANING) -> None:
+                 background=None, floor: float = MEANING_FLOOR, margin: float = MEANING_MARGIN) -> None:
         self.template_words = frozenset(template_words)
         self.chat = chat or ChatText()
-        self.encoder = encoder  # None: rare words and near repeats only
-        self.similarity = similarity
+        # None: rare words and near repeats only (``--alchemist-adapter-scope words``, or no encoder installed)
+        self.encoder = encoder if background is not None else None
+        self.background = background  # [n, dim]: general questions (``meaning.background``)
+        self.floor, self.margin = floor, margin
         self.learnt: list[Learnt] = []
         self._by_key: dict[str, int] = {}  # distinctive word -> learnt prompts naming it
         self._by_word: dict[str, list[int]] = {}  # any weighted word -> learnt prompts containing it
-        self._meanings: list[Any] = []  # every learnt prompt's meaning rows
+        self._meanings: list[Any] = []  # the meaning of every learnt prompt that names no distinctive word
         self._matrix = None  # ... stacked, built on first use after a change
+        self.meaning_decisions = 0  # requests the meaning rule decided (the words did not)
+        self.meaning_seconds = 0.0  # their time, embedding included
 
     # --- building ---------------------------------------------------------------------------
 
@@ -168,9 +189,16 @@ class Scope:
             self._by_key[key] = self._by_key.get(key, 0) + 1
         for word in learnt.vector:
             self._by_word.setdefault(word, []).append(index)
-        if learnt.meaning is not None:
+        # A learnt prompt naming a distinctive word is about that thing: a request not naming it is
+        # not, however alike the wording ("the longest river in Pardovia" vs "in the world").
+        if learnt.meaning is not None and not learnt.keys:
             self._meanings.append(learnt.meaning[:1])  # a learnt prompt is its last user message
             self._matrix = None
+
+    @property
+    def by_meaning(self) -> bool:
+        """Whether a request can be in scope by meaning alone (else no embedding is ever computed)."""
+        return self.encoder is not None and bool(self._meanings)
 
     # --- deciding ---------------------------------------------------------------------------
 
@@ -181,6 +209,16 @@ class Scope:
         and says which ones most recent requests share. ``also``: more learnt prompts (the
         publish gate asks about a candidate version: the served scope plus its feedback).
         """
+        return self.covers_by_words(text, traffic, also) or self.same_meaning(text, also)
+
+    def needs_meaning(self, text: str, traffic: Traffic | None = None, also: Sequence[Learnt] = ()) -> bool:
+        """Whether ``covers`` would have to embed ``text`` (the words do not decide it)."""
+        extra = [e for e in also if e.meaning is not None and not e.keys]
+        if self.encoder is None or not (self._meanings or extra):
+            return False
+        return not self.covers_by_words(text, traffic, also)
+
+    def covers_by_words(self, text: str, traffic: Traffic | None = None, also: Sequence[Learnt] = ()) -> bool:
         request = self.describe(text, meaning=False)
         background = traffic.observe(request.keys) if traffic is not None else set()
         known = [key for key in request.keys if key not in background]
@@ -189,24 +227,32 @@ class Scope:
         nearest = self.nearest(request)
         for extra in also:
             nearest = max(nearest, sum(value * extra.vector.get(word, 0.0) for word, value in request.vector.items()))
-        if nearest >= NEAR_REPEAT:
-            return True
-        return self.closest_meaning(text, also) >= self.similarity
+        return nearest >= NEAR_REPEAT
 
-    def closest_meaning(self, text: str, also: Sequence[Learnt] = ()) -> float:
-        """The highest cosine between what ``text`` asks and a learnt prompt (0 without an encoder)."""
-        learnt = [extra.meaning[:1] for extra in also if extra.meaning is not None]
-        if self.encoder is None or not (self._meanings or learnt):
-            return 0.0
-        asked = self.meaning_of(text)
-        if asked is None:
-            return 0.0
+    def same_meaning(self, text: str, also: Sequence[Learnt] = (), asked=None) -> bool:
+        """Whether ``text`` asks what a learnt prompt asked: its cosine to that prompt is at least the
+        floor and beats its cosine to every general question by the margin (``asked``: its meaning,
+        when already embedded)."""
+        import time
+
         import torch
 
+        extra = [e.meaning[:1] for e in also if e.meaning is not None and not e.keys]
+        if self.encoder is None or not (self._meanings or extra):
+            return False
+        started = time.perf_counter()
+        asked = self.meaning_of(text) if asked is None else asked
+        if asked is None:
+            return False
         if self._matrix is None and self._meanings:
             self._matrix = torch.cat(self._meanings)
-        known = [m for m in ([self._matrix] if self._matrix is not None else []) + learnt]
-        return float((asked @ torch.cat(known).T).max())
+        learnt = torch.cat(([self._matrix] if self._matrix is not None else []) + extra)
+        similarity = asked @ learnt.T  # [asked rows, learnt prompts]
+        general = (asked @ self.background.T).max(1, keepdim=True).values
+        inside = bool(((similarity >= self.floor) & (similarity - general >= self.margin)).any())
+        self.meaning_decisions += 1
+        self.meaning_seconds += time.perf_counter() - started
+        return inside
 
     def nearest(self, request: Learnt) -> float:
         """The highest cosine between ``request`` and a learnt prompt sharing a word with it."""
@@ -218,8 +264,11 @@ class Scope:
         return best
 
     def status(self) -> dict:
+        decided = self.meaning_decisions
         return {"learnt_prompts": len(self.learnt), "distinctive_words": len(self._by_key),
-                "by_meaning": self.encoder is not None, "meaning_similarity": self.similarity}
+                "by_meaning": self.encoder is not None, "learnt_by_meaning": len(self._meanings),
+                "meaning_decisions": decided,
+                "mean_meaning_ms": self.meaning_seconds / decided * 1000 if decided else None}
 
 
 class Traffic:
@@ -245,11 +294,24 @@ class Traffic:
         return self.background
 
 
+def _rendered_empty(tokenizer) -> str:
+    return str(tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
+                                             add_generation_prompt=True))
+
+
+def chat_text(tokenizer) -> ChatText:
+    """The ``ChatText`` of this tokenizer's chat template (its special tokens split the messages)."""
+    special = list(getattr(tokenizer, "all_special_tokens", []) or [])
+    try:
+        return ChatText(_rendered_empty(tokenizer), special)
+    except Exception:  # a model without a chat template: its special tokens alone split the text
+        return ChatText("", special)
+
+
 def template_words(tokenizer) -> set[str]:
     """Words every chat prompt of this model contains: role names, a default system prompt."""
     try:
-        rendered = tokenizer.apply_chat_template([{"role": "user", "content": ""}], tokenize=False,
-                                                 add_generation_prompt=True)
+        rendered = _rendered_empty(tokenizer)
     except Exception:  # a model without a chat template: nothing to leave out
         return set()
-    return set(Scope.for_template(str(rendered)).template_words)
+    return set(Scope.for_template(rendered).template_words)

@@ -322,4 +322,5 @@ def _guard_set(tokenizer, config: AlchemistConfig) -> GuardSet:
         return tokenizer.encode(text, add_special_tokens=False)
 
     user = load_user_probes(config.guard_file) if config.guard_file else []
-    return GuardSet(chat_ids, encode, tokenizer.decode, user_probes=user)
+    return GuardSet(chat_ids, encode, tokenizer.decode, user_probes=user,
+                    special_tokens=list(getattr(tokenizer, "all_special_tokens", []) or []))

@@ -170,8 +170,9 @@ class GuardSet:
     """
 
     def __init__(self, chat_ids, encode, decode, user_probes: list[dict] | None = None,
-                 questions: list[dict] | None = None) -> None:
+                 questions: list[dict] | None = None, special_tokens: list[str] = ()) -> None:
         self.decode = decode
+        self.special_tokens = list(special_tokens)  # what splits a decoded chat prompt into its messages
         self.template_text = decode(chat_ids([{"role": "user", "content": ""}]))
         template_words = content_words(self.template_text)
         self.template_words = template_words

@@ -136,8 +136,8 @@ class LearningCore:
         # the served scope (feedback/scope.py): which requests the served adapter answers. The gate
         # checks only the probes a candidate version would answer with its adapter; the base model
         # answers the others when served, so they cannot regress.
-        scoped = getattr(config, "adapter_scope", "all") == "feedback" and getattr(config, "cluster_size", 1) == 1
-        self.scope: Scope | None = Scope.for_template(guard.template_text) if scoped and guard is not None else None
+        self.scope_mode = getattr(config, "adapter_scope", "all") if getattr(config, "cluster_size", 1) == 1 else "all"
+        self.scope: Scope | None = self._new_scope() if guard is not None else None
         self.gate_max_regressions = config.gate_max_regressions
         self.gate_repairs = config.gate_repairs
         self.guard_cache = guard_cache
@@ -259,9 +259,21 @@ class LearningCore:
     def reset_scope(self, prompts: list[list[int]]) -> None:
         """The served scope after a rollback: the prompts of the feedback on the new lineage."""
         if self.scope is not None:
-            self.scope = Scope.for_template(self.guard.template_text)
+            self.scope = self._new_scope()
             for prompt_ids in prompts:
                 self.scope.add(self.scope.describe(self.guard.decode(prompt_ids)))
+
+    def _new_scope(self) -> Scope | None:
+        """The served version's scope as the HTTP process builds it (``api/routes.py``), for the gate."""
+        if self.scope_mode == "all":
+            return None
+        encoder = general = None
+        if self.scope_mode == "feedback":
+            from sglang_alchemist.feedback.meaning import background, shared_encoder
+
+            encoder = shared_encoder()
+            general = background(encoder) if encoder is not None else None
+        return Scope.for_template(self.guard.template_text, self.guard.special_tokens, encoder, general)
 
     # --- guard --------------------------------------------------------------------------------
 

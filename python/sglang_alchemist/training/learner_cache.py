@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         lambda messages: list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                             return_dict=False)),
         lambda text: tokenizer.encode(text, add_special_tokens=False), tokenizer.decode,
-        user_probes=load_user_probes(config.guard_file) if config.guard_file else [])
+        user_probes=load_user_probes(config.guard_file) if config.guard_file else [],
+        special_tokens=list(tokenizer.all_special_tokens))
     fingerprint = model_fingerprint(args.model_path, args.dtype, model.geometry.num_layers)
     with tempfile.TemporaryDirectory() as state_dir:
         path = guard_cache_path(fingerprint, guard, Path(state_dir))
