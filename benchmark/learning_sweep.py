@@ -10,7 +10,8 @@ this script on the ``tune`` split; ``quality.py`` reports them through the serve
     .venv/bin/python benchmark/learning_sweep.py --split tune --variant passes=4,lr=1e-3 --variant passes=6
     .venv/bin/python benchmark/learning_sweep.py --split tune --accepts 40     # + the continual phase
 
-Each variant is ``key=value`` pairs over: lr, passes (the most steps per update), margin (the
+Each variant is ``key=value`` pairs over: lr, passes (the most steps per update), order (replay's
+draw: forgotten or random), margin (the
 learnt check's logit margin; ``inf``: every update runs all its steps), layers (``--alchemist-lora-layers``:
 all, auto or a count), anchor (``--alchemist-anchor-weight``), replay, rehearsal, replay_weight,
 rehearsal_weight, rehearsal_pool, rehearsal_objective (distill or sft), rank, alpha, targets
@@ -43,10 +44,10 @@ DATA = Path(__file__).resolve().parent / "data"
 DEFAULTS = {"lr": None, "passes": None, "margin": None, "layers": None, "anchor": None, "replay": None,
             "rehearsal": None, "preserve": None, "replay_weight": None, "rehearsal_weight": None,
             "rehearsal_pool": None, "rank": None, "alpha": None, "targets": None, "rehearsal_objective": None,
-            "gate": None, "gate_probes": None, "repairs": None, "seed": 0}
-TEXT_KEYS = ("targets", "rehearsal_objective", "layers")
-RECIPE_KEYS = {"replay_weight": float, "rehearsal_weight": float, "rehearsal_pool": int, "margin": float}
-RECIPE_NAMES = {"margin": "learnt_margin"}
+            "gate": None, "gate_probes": None, "repairs": None, "order": None, "seed": 0}
+TEXT_KEYS = ("targets", "rehearsal_objective", "layers", "order")
+RECIPE_KEYS = {"replay_weight": float, "rehearsal_weight": float, "rehearsal_pool": int, "margin": float, "order": str}
+RECIPE_NAMES = {"margin": "learnt_margin", "order": "replay_order"}
 
 
 def parse_variant(text: str) -> dict:
@@ -105,7 +106,8 @@ def right(answer: str, keys) -> bool:
     return any(key.lower() in answer.lower() for key in keys)
 
 
-def run_variant(harness: Harness, variant: dict, split: str, accepts: int, guard_cache: Path | None) -> dict:
+def run_variant(harness: Harness, variant: dict, split: str, accepts: int, guard_cache: Path | None,
+                data_set: str = "invented", batch: int = 1) -> dict:
     from sglang_alchemist.config import AlchemistConfig
     from sglang_alchemist.training.guard import GuardSet
     from sglang_alchemist.training.lane_core import LearningCore
@@ -139,27 +141,34 @@ def run_variant(harness: Harness, variant: dict, split: str, accepts: int, guard
     from sglang_alchemist.training.step import run_to_completion
 
     run_to_completion(core.prepare())  # the guard's answers, the anchor, the trunk's records: ready ahead
-    facts = [f for f in json.loads((DATA / "facts.json").read_text()) if f["split"] == split]
-    controls = [c for c in json.loads((DATA / "controls.json").read_text()) if c["split"] == split]
+    from sglang_alchemist.training.trainer import TrainingItem
+
+    from quality import load_split
+
+    facts, controls = load_split(split, data_set=data_set)
     started = time.monotonic()
     log = []
     immediate = 0
-    for index, fact in enumerate(facts):
-        report = core.train_feedback(f"fact-{index}", harness.chat_ids([{"role": "user", "content": fact["question"]}]),
-                                     harness.encode(fact["answer"]))
-        answer = harness.generate(core.trainer.adapter, [fact["question"]], scope=core.scope)[0]
-        report["immediate"] = right(answer, fact["keys"])
-        immediate += report["immediate"]
-        log.append(report)
-        print(f"  fact {index + 1}/{len(facts)}: steps {report['steps']} learnt {report['learnt'][0]} "
-              f"loss {report['losses'][-1]:.2f} gate {'ok' if report['accepted'] else 'REJECTED'} "
-              f"(regressed {len(report['gate']['regressed']) if report['gate'] else '-'}, "
-              f"repairs {report['gate']['repairs'] if report['gate'] else '-'}) {report['busy_seconds']:.1f}s "
-              f"right {report['immediate']}: {answer[:60]!r}", flush=True)
+    for first in range(0, len(facts), batch):
+        group = facts[first : first + batch]
+        items = [TrainingItem(f"fact-{first + i}", harness.chat_ids([{"role": "user", "content": fact["question"]}]),
+                              harness.encode(fact["answer"])) for i, fact in enumerate(group)]
+        report = run_to_completion(core.update(items)).public()
+        answers = harness.generate(core.trainer.adapter, [fact["question"] for fact in group], scope=core.scope)
+        for index, (fact, answer) in enumerate(zip(group, answers, strict=True)):
+            entry = {**report, "immediate": right(answer, fact["keys"]), "learnt": [report["learnt"][index]]}
+            immediate += entry["immediate"]
+            log.append(entry)
+            print(f"  fact {first + index + 1}/{len(facts)}: steps {report['steps']} learnt {report['learnt'][index]} "
+                  f"loss {report['losses'][-1]:.2f} gate {'ok' if report['accepted'] else 'REJECTED'} "
+                  f"{report['busy_seconds']:.1f}s right {entry['immediate']}: {answer[:60]!r}", flush=True)
     teach_s = time.monotonic() - started
+    # per correction: an update's busy time and steps are shared by its batch
+    for entry in log:
+        entry["busy_seconds"] /= batch
     result = {"variant": variant, "split": split, "teach_seconds": teach_s, "updates": log,
               "immediate": immediate, "first_adapted_layer": core.trainer.adapter.first_layer,
-              "steps_per_correction": sum(r["steps"] for r in log) / len(log),
+              "steps_per_correction": sum(r["steps"] for r in log) / len(log) / batch,
               "learnt": sum(1 for r in log if r["learnt"][0]),
               "seconds_per_correction": sum(r["busy_seconds"] for r in log) / len(log),
               "reuse_ratio": core.trainer.status()["reuse_ratio"]}
@@ -210,6 +219,9 @@ def main() -> None:
     parser.add_argument("--split", default="tune", choices=("tune", "report"))
     parser.add_argument("--variant", action="append", default=[], help="key=value,... (repeatable)")
     parser.add_argument("--accepts", type=int, default=0, help="ShareGPT accepts after the facts (continual phase)")
+    parser.add_argument("--data", default="invented", choices=("invented", "plain"),
+                        help="facts.json/controls.json, or plain_english.json")
+    parser.add_argument("--batch", type=int, default=1, help="corrections per update (a burst arriving together)")
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "learning_sweep.jsonl")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -219,7 +231,8 @@ def main() -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     for text in args.variant or [""]:
         variant = parse_variant(text)
-        result = run_variant(harness, variant, args.split, args.accepts, guard_cache)
+        result = run_variant(harness, variant, args.split, args.accepts, guard_cache, args.data, args.batch)
+        result["data"], result["batch"] = args.data, args.batch
         result["machine"] = machine()
         with args.output.open("a") as handle:
             handle.write(json.dumps(result) + "\n")

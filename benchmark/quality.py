@@ -1,8 +1,15 @@
-"""Does the served model learn from feedback? One correction per invented fact, through the real server.
+"""Does the served model learn from feedback? One correction per fact, through the real server.
 
 The protocol (SmolLM2-135M-Instruct, project defaults, a fresh state directory), on a split of
-``benchmark/data/facts.json`` and ``controls.json`` (``--split report`` for the README: the
-recipe was tuned on ``tune`` with ``benchmark/learning_sweep.py``):
+two sets (``--split report`` for the README: the recipe and the scope were tuned on ``tune``):
+
+- ``invented``: invented facts named by rare words (``benchmark/data/facts.json``, controls from
+  ``controls.json``: capitals, inventors, founders... next to the facts' relations);
+- ``plain``: plain-English facts an assistant's operators correct - hours, policies, numbers,
+  places, people, names of internal things - whose paraphrases share no rare word with them
+  (``benchmark/data/plain_english.json``, with controls of counts, times, places and people).
+
+Both sets are taught to one server, in that order, and each is scored on its own:
 
 1. **Before**: ask every fact's question and its two paraphrases (greedy, 32 tokens, chat
    template; right = the key is in the answer). The controls - general-knowledge questions the
@@ -46,14 +53,24 @@ DATA = Path(__file__).resolve().parent / "data"
 ANSWER_TOKENS = 32
 
 
-def load_split(split: str, facts: int | None = None, controls: int | None = None) -> tuple[list[dict], list[dict]]:
-    """The split's facts and controls; ``facts``/``controls`` take that many spread evenly over it.
+SETS = ("invented", "plain")
+
+
+def load_split(split: str, facts: int | None = None, controls: int | None = None,
+               data_set: str = "invented") -> tuple[list[dict], list[dict]]:
+    """The split's facts and controls of one set; ``facts``/``controls`` take that many spread evenly over it.
 
     The rows are grouped by relation (two capitals, two inventors, ...), so a spread subset covers
     as many relations as it can instead of the first few twice over.
     """
-    fact_rows = [f for f in json.loads((DATA / "facts.json").read_text()) if f["split"] == split]
-    control_rows = [c for c in json.loads((DATA / "controls.json").read_text()) if c["split"] == split]
+    if data_set == "plain":
+        data = json.loads((DATA / "plain_english.json").read_text())
+        fact_rows, control_rows = data["facts"], data["controls"]
+    else:
+        fact_rows = json.loads((DATA / "facts.json").read_text())
+        control_rows = json.loads((DATA / "controls.json").read_text())
+    fact_rows = [f for f in fact_rows if f["split"] == split]
+    control_rows = [c for c in control_rows if c["split"] == split]
     return spread(fact_rows, facts), spread(control_rows, controls)
 
 
@@ -208,44 +225,60 @@ def rejects(client: Client, tokenizer, questions: list[str]) -> dict:
 
 
 def run(url: str, split: str, accepts: int, n_rejects: int, facts_limit: int | None = None,
-        controls_limit: int | None = None, headers: dict | None = None) -> dict:
+        controls_limit: int | None = None, headers: dict | None = None, sets: tuple[str, ...] = SETS) -> dict:
     from transformers import AutoTokenizer
 
     from sglang_alchemist.assets import sharegpt
 
     client = Client(url, headers)
-    facts, controls = load_split(split, facts_limit, controls_limit)
     tokenizer = AutoTokenizer.from_pretrained(client.get("/v1/alchemist/status")["schedulers"][0]["model"]["path"])
     background = [pair.prompt for pair, _, _ in sharegpt.pairs(tokenizer, limit=40, seed=5, max_prompt_tokens=64)]
-    sets = fact_sets(facts)
-    control_questions, control_keys = [c["question"] for c in controls], [c["keys"] for c in controls]
+    data = {name: load_split(split, facts_limit, controls_limit, name) for name in sets}
     started = time.monotonic()
-    before = {name: score(client, *sets[name]) for name in sets}
-    taught = teach(client, facts, background)
-    after = {name: score(client, *sets[name]) for name in sets}
-    after["controls"] = score(client, control_questions, control_keys)
-    before["controls"] = score(client, control_questions, control_keys, base=True)  # held out until now
+    result: dict = {"split": split, "sets": {}}
+    for name, (facts, _) in data.items():
+        result["sets"][name] = {"before": {key: score(client, *value) for key, value in fact_sets(facts).items()}}
+    all_facts = [fact for facts, _ in data.values() for fact in facts]
+    taught = teach(client, all_facts, background)
+    for name, (facts, controls) in data.items():
+        control_questions, control_keys = [c["question"] for c in controls], [c["keys"] for c in controls]
+        entry = result["sets"][name]
+        entry["after"] = {key: score(client, *value) for key, value in fact_sets(facts).items()}
+        entry["after"]["controls"] = score(client, control_questions, control_keys)
+        entry["before"]["controls"] = score(client, control_questions, control_keys, base=True)  # held out until now
+        entry["scope"] = scope_figures(entry["after"])
+    result["teach"] = taught
     training = taught["status"]["schedulers"][0]["training"]
-    result = {"split": split, "before": before, "after": after, "teach": taught,
-              "cost_per_correction": {
-                  "optimizer_steps": training["optimizer_steps"] / max(len(facts), 1),
-                  "training_seconds": training["busy_seconds"] / max(len(facts), 1)},
-              "reuse_ratio": training["reuse_ratio"]}
+    result["cost_per_correction"] = {"optimizer_steps": training["optimizer_steps"] / max(len(all_facts), 1),
+                                     "training_seconds": training["busy_seconds"] / max(len(all_facts), 1)}
+    result["reuse_ratio"] = training["reuse_ratio"]
     if accepts:
         result["continual"] = continual(client, tokenizer, accepts)
-        result["after_continual"] = {"facts": score(client, *sets["facts"]),
-                                     "controls": score(client, control_questions, control_keys)}
+        for name, (facts, controls) in data.items():
+            result["sets"][name]["after_continual"] = {
+                "facts": score(client, *fact_sets(facts)["facts"]),
+                "controls": score(client, [c["question"] for c in controls], [c["keys"] for c in controls])}
     if n_rejects:
         result["rejects"] = rejects(client, tokenizer, [b for b in background[:n_rejects]])
-    final = client.get("/v1/alchemist/status")["schedulers"][0]
-    result["gate"] = final["training"]["gate"]
-    result["config"] = final["config"]
+    final = client.get("/v1/alchemist/status")
+    result["gate"] = final["schedulers"][0]["training"]["gate"]
+    result["config"] = final["schedulers"][0]["config"]
+    result["scope_status"] = final["serving"].get("scope")
     result["seconds"] = time.monotonic() - started
-    result["pass"] = passes(result)
+    result["pass"] = {name: passes(entry) for name, entry in result["sets"].items()}
     return result
 
 
+def scope_figures(after: dict) -> dict:
+    """The scope's decisions apart from what the adapter then answered: how many paraphrases it sent
+    to the adapter (recall) and how many controls (false positives)."""
+    return {"paraphrase_recall": f"{after['paraphrases']['adapter_applied']}/{after['paraphrases']['of']}",
+            "fact_recall": f"{after['facts']['adapter_applied']}/{after['facts']['of']}",
+            "control_false_positives": f"{after['controls']['adapter_applied']}/{after['controls']['of']}"}
+
+
 def passes(result: dict) -> dict:
+    """One set's checks: facts >= 75%, paraphrases above before, controls >= base - 1 (and kept after the continuation)."""
     before, after = result["before"], result["after"]
     checks = {
         "facts": after["facts"]["right"] >= 0.75 * after["facts"]["of"],
@@ -260,31 +293,37 @@ def passes(result: dict) -> dict:
 
 
 def markdown(result: dict) -> str:
-    before, after = result["before"], result["after"]
-    lines = ["| set | before | after one correction each |"
-             + (f" after {result['continual']['accepts']} more accepts |" if "continual" in result else ""),
-             "| --- | --- | --- |" + (" --- |" if "continual" in result else "")]
-    for name in ("facts", "paraphrases", "controls"):
-        row = f"| {name} | {before[name]['right']}/{before[name]['of']} | {after[name]['right']}/{after[name]['of']} |"
-        if "after_continual" in result:
-            kept = result["after_continual"].get(name)
-            row += f" {kept['right']}/{kept['of']} |" if kept else " - |"
+    continual = "continual" in result
+    lines = ["| set | facts before -> after | paraphrases before -> after | controls base -> after | "
+             "scope: paraphrases / controls sent to the adapter |" + (
+                 f" after {result['continual']['accepts']} more accepts: facts, controls |" if continual else ""),
+             "| --- | --- | --- | --- | --- |" + (" --- |" if continual else "")]
+    for name, entry in result["sets"].items():
+        before, after = entry["before"], entry["after"]
+        row = (f"| {name} | {_cell(before['facts'])} -> {_cell(after['facts'])} | {_cell(before['paraphrases'])} -> "
+               f"{_cell(after['paraphrases'])} | {_cell(before['controls'])} -> {_cell(after['controls'])} | "
+               f"{entry['scope']['paraphrase_recall']} / {entry['scope']['control_false_positives']} |")
+        if continual:
+            kept = entry["after_continual"]
+            row += f" {_cell(kept['facts'])}, {_cell(kept['controls'])} |"
         lines.append(row)
-    applied = ", ".join(f"{name} {after[name].get('adapter_applied', 0)}/{after[name]['of']}"
-                        for name in ("facts", "paraphrases", "controls"))
     teach = result["teach"]
-    lines += ["", f"Answered with the adapter after training (the rest were outside its scope): {applied}.",
-              f"Correction -> served version: median {teach['seconds_to_version']['median']:.0f} s, max "
-              f"{teach['seconds_to_version']['max']:.0f} s (with other traffic served meanwhile); per correction "
-              f"{result['cost_per_correction']['optimizer_steps']:.1f} optimizer steps, "
-              f"{result['cost_per_correction']['training_seconds']:.0f} s of the training thread. Publish gate: "
-              f"{result['gate'].get('probes_checked', 0)} probes checked in {result['gate']['checks']} checks, "
-              f"{result['gate']['rejections']} rejected; {result['gate'].get('updates_unchecked', 0)} updates had "
+    gate = result["gate"]
+    lines += ["", f"Correction -> served version: median {teach['seconds_to_version']['median']:.0f} s, max "
+              f"{teach['seconds_to_version']['max']:.0f} s (the corrections sent one after another with other traffic "
+              f"served meanwhile); per correction {result['cost_per_correction']['optimizer_steps']:.1f} optimizer "
+              f"steps, {result['cost_per_correction']['training_seconds']:.0f} s of the training thread; reuse ratio "
+              f"{result['reuse_ratio']:.2f}. Publish gate: {gate.get('probes_checked', 0)} probes checked in "
+              f"{gate['checks']} checks, {gate['rejections']} rejected; {gate.get('updates_unchecked', 0)} updates had "
               f"no probe in their scope to check (published unchecked)."]
     if "rejects" in result:
         rejected = result["rejects"]
         lines.append(f"Rejects: the rejected answer's log-probability fell for {rejected['fell']}/{rejected['of']}.")
     return "\n".join(lines)
+
+
+def _cell(block: dict) -> str:
+    return f"{block['right']}/{block['of']}"
 
 
 def main() -> None:
@@ -295,16 +334,19 @@ def main() -> None:
     parser.add_argument("--rejects", type=int, default=8)
     parser.add_argument("--facts", type=int, default=None, help="only N facts, spread over the split's relations (smoke runs)")
     parser.add_argument("--controls", type=int, default=None, help="only N controls, spread over the split")
+    parser.add_argument("--sets", default=",".join(SETS), help="comma-separated: " + ", ".join(SETS))
     parser.add_argument("--output", type=Path, default=RESULTS_DIR / "quality.json")
     parser.add_argument("server_args", nargs="*", help="extra launcher flags (after --)")
     args = parser.parse_args()
     if args.url:
-        result = run(args.url, args.split, args.accepts, args.rejects, args.facts, args.controls)
+        result = run(args.url, args.split, args.accepts, args.rejects, args.facts, args.controls,
+                     sets=tuple(args.sets.split(",")))
     else:
         with tempfile.TemporaryDirectory() as state_dir:  # a fresh journal and no old versions
             server_args = ["--alchemist-state-dir", state_dir, *args.server_args]
             with launched_server(server_args, name="quality") as server:
-                result = run(server.url, args.split, args.accepts, args.rejects, args.facts, args.controls)
+                result = run(server.url, args.split, args.accepts, args.rejects, args.facts, args.controls,
+                             sets=tuple(args.sets.split(",")))
     result.update(command=command_line(), machine=machine(), markdown=markdown(result))
     write_json(args.output, result)
     print(result["markdown"])

