@@ -138,6 +138,21 @@ def test_experience_replay_mixes_similar_and_random_earlier_feedback():
     assert len(memory) == 18 and all(p.feedback_id not in ("fb1", "fb2") for p in memory.items)
 
 
+def test_forgetting_order_replays_the_most_forgotten_feedback_first_and_brings_every_item_back():
+    memory = FeedbackMemory(size=100)
+    for index in range(6):
+        memory.add(Remembered(f"fb{index}", [index], [index], "sft", 1.0, frozenset({f"topic{index}"})))
+    memory.note_losses({"fb0": 0.01, "fb1": 0.01, "fb2": 2.5, "fb3": 0.01, "fb4": 0.9, "fb5": 0.01})
+    picked = memory.pick(frozenset({"unrelated"}), 2, 0.0, random.Random(0), order="forgotten")
+    assert [p.feedback_id for p in picked] == ["fb2", "fb4"]  # the highest loss when last trained first
+    memory.note_losses({"fb2": 0.02, "fb4": 0.02})  # relearnt
+    for _ in range(50):  # steps pass without replaying the others: their presumed loss grows
+        memory.note_losses({})
+    picked = memory.pick(frozenset({"unrelated"}), 2, 0.0, random.Random(0), order="forgotten")
+    assert {p.feedback_id for p in picked} <= {"fb0", "fb1", "fb3", "fb5"}
+    assert memory.forgetting(picked[0]) == pytest.approx(0.01 + 0.02 * 51)
+
+
 def test_a_later_correction_of_the_same_prompt_replaces_the_earlier_one_in_replay():
     memory = FeedbackMemory(size=100)
     words = frozenset({"animal"})
