@@ -84,9 +84,9 @@ def _fraction(block: dict) -> str:
 
 def summary() -> str:
     check_provenance()
-    recording, training, recipe, latency, impact, scope, quality = (load(name) for name, _ in BENCHMARKS)
+    recording, training, recipe, latency, impact, scoping, quality = (load(name) for name, _ in BENCHMARKS)
     lines = ["### Measured results (CPU, SmolLM2-135M-Instruct, fp32)", ""]
-    for (name, _), data in zip(BENCHMARKS, (recording, training, recipe, latency, impact, scope, quality), strict=True):
+    for (name, _), data in zip(BENCHMARKS, (recording, training, recipe, latency, impact, scoping, quality), strict=True):
         if data and "machine" in data:
             m = data["machine"]
             lines.append(f"- `{name}`: {m['cpu_count']} CPU threads, torch {m['torch']}, CUDA: {m['cuda'] or 'none'}; "
@@ -147,10 +147,10 @@ def summary() -> str:
                      f"a burst of {burst['count']}: all served {_seconds(burst['all_served_after_last_s'])} s after the "
                      f"last, {burst['right']}/{burst['count']} right; reuse ratio {latency['reuse_ratio']:.2f} | "
                      "through the server, default flags, each correction on the answer it corrects |")
-    if scope:
-        plain = scope["decisions"].get("report/feedback") or next(iter(scope["decisions"].values()))
-        big = scope["lineage_1000"]
-        ttft = scope.get("ttft")
+    if scoping:
+        plain = scoping["decisions"].get("report/feedback") or next(iter(scoping["decisions"].values()))
+        big = scoping["lineage_1000"]
+        ttft = scoping.get("ttft")
         timing = (f"client TTFT p50 x{ttft['p50_ratio']:.3f} at light load ({ttft['words']['p50_ms']:.0f} -> "
                   f"{ttft['meaning']['p50_ms']:.0f} ms), " if ttft else "")
         lines.append(f"| the adapter scope by meaning (ours only) | - | {timing}decision p50 "
@@ -181,7 +181,7 @@ def summary() -> str:
         lines.append(f"| `{name}` | - | not measured | {why} |")
     lines.append("")
     for title, data in (("Training throughput and memory", training), ("The recipe's cost per correction", recipe),
-                        ("Learnt when served", latency), ("Serving impact", impact), ("The scope's cost", scope),
+                        ("Learnt when served", latency), ("Serving impact", impact), ("The scope's cost", scoping),
                         ("Recording overhead", recording), ("Learning quality", quality)):
         if data:
             lines += [f"#### {title}", "", f"`{data['command']}`", "", data["markdown"], ""]
