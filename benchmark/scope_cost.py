@@ -39,7 +39,9 @@ from quality import load_split  # noqa: E402
 
 PLACES = ["cafeteria", "gym", "library", "front desk", "mail room", "print shop", "parking garage", "clinic",
           "daycare", "coffee bar", "bike room", "rooftop terrace", "conference center", "lab", "warehouse",
-          "visitor lounge", "IT help point", "supply closet", "quiet room", "game room"]
+          "visitor lounge", "IT help point", "supply closet", "quiet room", "game room", "break room",
+          "loading dock", "training room", "music room", "prayer room", "nursing room", "security desk",
+          "bookshop", "laundry room", "roof garden"]
 TEMPLATES = ["When does the {p} open on {d}?", "When does the {p} close on {d}?", "Who is in charge of the {p}?",
              "What is the phone number of the {p}?", "Where is the {p} on {d}s during the holidays?",
              "How many people can the {p} hold?", "Can I bring a guest to the {p} on {d}?",
@@ -49,8 +51,10 @@ DAYS = ["Mondays", "Tuesdays", "Wednesdays", "Thursdays", "Fridays"]
 
 
 def synthetic_prompts(count: int) -> list[str]:
-    prompts = [t.format(p=p, d=d[:-1]) for t, p, d in itertools.product(TEMPLATES, PLACES, DAYS)]
-    return list(dict.fromkeys(prompts))[:count]
+    prompts = list(dict.fromkeys(t.format(p=p, d=d[:-1]) for t, p, d in itertools.product(TEMPLATES, PLACES, DAYS)))
+    if len(prompts) < count:
+        raise ValueError(f"only {len(prompts)} distinct synthetic prompts, {count} asked")
+    return prompts[:count]
 
 
 class Chat:

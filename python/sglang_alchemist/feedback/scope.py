@@ -17,7 +17,7 @@ scope classifier of SERAC / the deferral radius of GRACE, kept simple and explai
   question even though none of its words is rare;
 - or, for a learnt prompt in plain English (no distinctive word), when it asks the same thing in
   other words: by a sentence encoder (``feedback/meaning.py``), its user text is at cosine
-  >= :data:`MEANING_FLOOR` of the learnt prompt *and* nearer to it by :data:`MEANING_MARGIN`
+  >= :data:`MEANING_FLOOR` of the learnt prompt *and* nearer to it by :data:`MEANING_MARGINS`
   than to every general question of a background (the guard bank's). The margin is what keeps
   neighbours out: "How many days are in a week?" is near "How many vacation days do new employees
   get?" but nearer still to the background's "How many hours are in a day?". In a conversation the
@@ -53,9 +53,12 @@ NEAR_REPEAT = 0.8  # cosine of rarity-weighted words at or above which a request
 # By meaning (sentence embeddings, ``feedback/meaning.py``), chosen on the tune split of
 # benchmark/data/plain_english.json (docs/NOTES.md, "A scope that follows meaning"): a request asks
 # what a learnt prompt asked when its cosine to it is at least MEANING_FLOOR and exceeds its cosine
-# to every general question of the background by MEANING_MARGIN.
+# to every general question of the background by the margin of the encoder's precision (the int8
+# encoder's scores sit a little closer together: 0.08 there gives float32's 0.1 decisions on the
+# tune split, docs/NOTES.md "The encoder in int8").
 MEANING_FLOOR = 0.35
-MEANING_MARGIN = 0.1
+MEANING_MARGINS = {"int8": 0.08, "float32": 0.1}
+MEANING_MARGIN = MEANING_MARGINS["int8"]
 MAX_ZIPF = 8.0  # the most frequent English words sit near 7.7 ("the")
 BACKGROUND_WINDOW = 200  # recent requests over which a word's share is counted
 BACKGROUND_MIN_REQUESTS = 20
@@ -145,13 +148,14 @@ class Scope:
         return cls(_WORD.findall(rendered.lower()), ChatText(rendered, special_tokens), encoder, background)
 
     def __init__(self, template_words: Iterable[str] = (), chat: ChatText | None = None, encoder=None,
-                 background=None, floor: float = MEANING_FLOOR, margin: float = MEANING_MARGIN) -> None:
+                 background=None, floor: float = MEANING_FLOOR, margin: float | None = None) -> None:
         self.template_words = frozenset(template_words)
         self.chat = chat or ChatText()
         # None: rare words and near repeats only (``--alchemist-adapter-scope words``, or no encoder installed)
         self.encoder = encoder if background is not None else None
         self.background = background  # [n, dim]: general questions (``meaning.background``)
-        self.floor, self.margin = floor, margin
+        precision = getattr(self.encoder, "precision", "int8")
+        self.floor, self.margin = floor, MEANING_MARGINS.get(precision, MEANING_MARGIN) if margin is None else margin
         self.learnt: list[Learnt] = []
         self._by_key: dict[str, int] = {}  # distinctive word -> learnt prompts naming it
         self._by_word: dict[str, list[int]] = {}  # any weighted word -> learnt prompts containing it
