@@ -28,6 +28,14 @@ def tiny_server_args(model_dir: Path, state_dir: Path, *extra: str) -> list[str]
     ]
 
 
+def recorded_layers_of(expected: dict[str, torch.Tensor], record: dict) -> dict[str, torch.Tensor]:
+    """``expected`` (``transformers_intermediates``) cut to the layers the server records: the adapted
+    ones (``record["recorded_layers"]``, first and last) and the last token's residual."""
+    first, last = record["recorded_layers"]
+    return {name: tensor for name, tensor in expected.items()
+            if name == "final_hidden" or first <= int(name.split(".")[0].removeprefix("layer")) <= last}
+
+
 def transformers_intermediates(model, input_ids: list[int]) -> dict[str, torch.Tensor]:
     """The values serving records, taken from a plain transformers forward with hooks.
 

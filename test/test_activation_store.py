@@ -65,6 +65,38 @@ def test_pages_are_allocated_once_and_hold_what_capture_wrote():
     assert store.device_bytes == 2 * PAGE_BYTES * LAYERS
 
 
+def test_a_store_of_the_adapted_layers_takes_model_layer_indices_and_refuses_the_trunk():
+    """Serving records only the adapted layers (model layers ``first_layer`` up): the same budget
+    holds that many more tokens, and a read of a trunk layer is an error, not another layer's rows."""
+    first = 5
+    store = ActivationStore(device=torch.device("cpu"), device_budget_bytes=int(2 * CHUNK_BYTES),
+                            host_budget_bytes=int(2 * CHUNK_BYTES), kv_slots=1000, widths=WIDTHS,
+                            num_layers=LAYERS, dtype=torch.float32, first_layer=first)
+    chunk = store.begin_chunk("a", 0, torch.arange(10), torch.arange(100, 110), 0)
+    for layer in range(first, first + LAYERS):
+        for name, tensor in rows(10, layer, 1.0).items():
+            store.write(chunk, layer, name, tensor)
+    store.commit_chunk(chunk, torch.ones(1, WIDTH))
+    view = ChunkView(chunk, 0, 10)
+    store.acquire([view])
+    assert torch.equal(store.read(view, first + 1, ("x",), 0, 10)["x"], torch.full((10, WIDTH), 1.0 + first + 1))
+    assert store.status()["recorded_layers"] == [first, first + LAYERS - 1]
+    assert [store.records(layer) for layer in (first - 1, first, first + LAYERS - 1, first + LAYERS)] == \
+        [False, True, True, False]
+    assert store.move_layer_to_host(chunk, first) and store.tier(chunk, first) is Tier.HOST
+    assert store.tier(chunk, first + 1) is Tier.DEVICE
+    activations = SampleActivations(store, [view], 10)
+    assert not activations.on_device(first) and activations.on_device(first + 2)
+    assert activations.host_bytes(first, ("x",)) == 10 * WIDTH * 4 and activations.host_bytes(first + 1, ("x",)) == 0
+    for trunk_layer in (0, first - 1, first + LAYERS):
+        try:
+            store.read(view, trunk_layer, ("x",), 0, 10)
+        except IndexError as error:
+            assert f"layer {trunk_layer} is not recorded" in str(error)
+        else:
+            raise AssertionError(f"layer {trunk_layer} was read")
+
+
 def test_new_chunks_fill_device_then_lru_moves_to_host_first_layers_first():
     store = new_store(device_chunks=2, host_chunks=10)
     a = add(store, "a", [1, 2, 3, 4], [5, 6, 7, 8])

@@ -21,6 +21,7 @@ from helpers import (
     chat_prompt_ids,
     feedback,
     peft_gradients,
+    recorded_layers_of,
     server_gradients,
     tiny_server_args,
     transformers_intermediates,
@@ -54,7 +55,9 @@ def test_qwen3_records_equal_transformers_and_replay_gradients_equal_peft(server
     response = chat(server, content)
     record = requests.get(f"{server.url}/v1/alchemist/debug/record/{response['id']}", timeout=60).json()
     recorded = load_file(record["path"])
-    for name, tensor in transformers_intermediates(model, chat_prompt_ids(tokenizer, content)).items():
+    expected = recorded_layers_of(transformers_intermediates(model, chat_prompt_ids(tokenizer, content)), record)
+    assert set(recorded) == set(expected)
+    for name, tensor in expected.items():
         torch.testing.assert_close(recorded[name], tensor, atol=1e-5, rtol=0, msg=name)
 
     feedback(server, response["id"], "They yield values lazily.")

@@ -16,10 +16,11 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sglang_alchemist.config import first_adapted_layer
 from sglang_alchemist.memory.records import bytes_per_token_per_layer
 from sglang_alchemist.training.model_spec import ModelGeometry
 
-from helpers import tiny_server_args, transformers_intermediates
+from helpers import recorded_layers_of, tiny_server_args, transformers_intermediates
 
 CHUNK = 32
 DEVICE_MB, HOST_MB = 0.3, 0.9
@@ -67,8 +68,11 @@ def store_status(server) -> dict:
 def assert_record_matches_transformers(record: dict, model, input_ids: list[int]) -> None:
     assert record["has_activations"] and record["replay_blocker"] is None, record
     recorded = load_file(record["path"])
-    expected = transformers_intermediates(model, input_ids)
-    assert set(recorded) == set(expected)
+    # the tiny model's 2 layers: the default adapter covers the top one, so only layer 1 is stored
+    # (its ``x`` is layer 0's output: the residual is still carried through the unrecorded layer)
+    assert record["recorded_layers"] == [1, 1]
+    expected = recorded_layers_of(transformers_intermediates(model, input_ids), record)
+    assert set(recorded) == set(expected) and "layer1.x" in expected and "layer0.x" not in expected
     for name, tensor in expected.items():
         assert recorded[name].shape == tensor.shape, name
         torch.testing.assert_close(recorded[name], tensor, atol=1e-5, rtol=0, msg=name)
@@ -138,6 +142,13 @@ def test_a_reused_kv_slot_is_detected_and_not_replayed(server):
     assert store_status(server)["store"]["prefix_slot_reused"] == before + 1
 
 
+def test_only_the_adapted_layers_are_recorded_and_counted(server):
+    status = store_status(server)
+    assert status["model"]["layers"] == 2 and status["model"]["recorded_layers"] == 1
+    assert status["store"]["recorded_layers"] == [1, 1]
+    assert status["model"]["recorded_bytes_per_token"] == status["model"]["recorded_bytes_per_token_per_layer"] == 2816
+
+
 def test_burst_of_50_recorded_requests_respects_budgets_lru_and_layer_order(server):
     # Distinct first tokens: no prefix sharing, so recency is only each request's own.
     prompts = [[(7 * i + j) % 900 + 50 for j in range(24 + i % 10)] for i in range(50)]
@@ -170,3 +181,8 @@ def test_documented_bytes_per_token_match_the_record_layout():
     assert bytes_per_token_per_layer(smollm2, torch.float32) == 23040
     assert bytes_per_token_per_layer(smollm2, torch.bfloat16) == 11520
     assert bytes_per_token_per_layer(llama3_8b, torch.bfloat16) == 94208
+    # the layers recorded with the default --alchemist-lora-layers (auto: the top third)
+    recorded = {name: g.num_layers - first_adapted_layer("auto", g.num_layers)
+                for name, g in (("tiny", tiny), ("smollm2", smollm2), ("llama3_8b", llama3_8b))}
+    assert recorded == {"tiny": 1, "smollm2": 10, "llama3_8b": 11}
+    assert bytes_per_token_per_layer(smollm2, torch.float32) * recorded["smollm2"] == 225 * 1024

@@ -15,6 +15,10 @@ mlp.gate_up_proj            output: ``gate_up``
 mlp.down_proj               output ``d`` gives the next layer's residual ``h + d``
 ==========================  ======================================================
 
+Only the layers training adapts are stored (from the store's ``first_layer``): the hooks of the
+layers below still fire, but only to carry the residual stream up to the first recorded layer,
+whose ``x`` is the frozen trunk's output.
+
 The residual stream is rebuilt from projection outputs rather than read from SGLang's fused
 add-RMSNorm boundaries, whose internal layout is an implementation detail; the sums are the
 same additions SGLang performs, in the same order (in place, on one small buffer per recorded
@@ -56,6 +60,7 @@ class PrefillCapture:
         self.store = store
         self.q_size, self.kv_size = q_size, kv_size
         self.num_layers = num_layers
+        self.first_layer = store.first_layer  # layers below are run through, not stored
         self._segments: list[CaptureSegment] | None = None
         self._calls = 0
         self._handles = [inner.embed_tokens.register_forward_hook(self._on_embed)]
@@ -105,6 +110,8 @@ class PrefillCapture:
             segment.residual = out[segment.row : segment.row + segment.count].clone()
 
     def _on_qkv(self, index, inputs, output) -> None:
+        if index < self.first_layer:
+            return
         out = _first(output)
         q, kv = self.q_size, self.kv_size
         write = self.store.write
@@ -117,12 +124,17 @@ class PrefillCapture:
 
     def _on_o_proj(self, index, inputs, output) -> None:
         out = _first(output)
+        stored = index >= self.first_layer
         for s in self._segments:
-            self.store.write(s.chunk, index, "attn_out", inputs[0][s.row : s.row + s.count])
+            if stored:
+                self.store.write(s.chunk, index, "attn_out", inputs[0][s.row : s.row + s.count])
             s.residual.add_(out[s.row : s.row + s.count])
-            self.store.write(s.chunk, index, "h", s.residual)
+            if stored:
+                self.store.write(s.chunk, index, "h", s.residual)
 
     def _on_gate_up(self, index, inputs, output) -> None:
+        if index < self.first_layer:
+            return
         out = _first(output)
         for s in self._segments:
             self.store.write(s.chunk, index, "gate_up", out[s.row : s.row + s.count])

@@ -73,7 +73,7 @@ class PrefillRecorder:
         self.policy = policy
         self.req_to_token = req_to_token
         self.capture = PrefillCapture(model, geometry.num_layers, store, geometry.q_size, geometry.kv_size)
-        self.bytes_per_token = bytes_per_token_per_layer(geometry, dtype) * geometry.num_layers
+        self.bytes_per_token = bytes_per_token_per_layer(geometry, dtype) * store.num_layers  # recorded layers
         self.counters = RecorderCounters()
         self._planned: list[_Planned] = []
         # whether rows made with an adapter version could still be replayed (set by the runtime:

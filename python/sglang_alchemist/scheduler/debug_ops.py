@@ -48,7 +48,8 @@ class DebugOps:
             return {**info, "path": None, "views": []}
         tensors = {}
         segments = activations.segments()
-        for layer in range(self.runtime.frozen.geometry.num_layers):
+        store = self.runtime.store
+        for layer in range(store.first_layer, store.first_layer + store.num_layers):  # the recorded layers
             for start, end in segments:
                 loaded = activations.load(layer, LAYER_TENSORS, start, end)
                 for name, tensor in loaded.items():
@@ -64,7 +65,8 @@ class DebugOps:
              "tiers": [layer.tier.value for layer in v.chunk.layers]}
             for v in activations.live_views()
         ]
-        return {**info, "path": str(path), "views": views, "segments": segments}
+        recorded = [store.first_layer, store.first_layer + store.num_layers - 1]
+        return {**info, "path": str(path), "views": views, "segments": segments, "recorded_layers": recorded}
 
     def move_to_host(self, payload: dict[str, Any]) -> dict[str, Any]:
         sample = self._sample(payload)
@@ -73,7 +75,7 @@ class DebugOps:
         moved = 0
         for view in sample.activations.live_views():
             for layer in payload.get("layers", []):
-                if self.runtime.store.move_layer_to_host(view.chunk, int(layer)):
+                if self.runtime.store.records(int(layer)) and self.runtime.store.move_layer_to_host(view.chunk, int(layer)):
                     moved += 1
         return {"moved": moved}
 

@@ -21,7 +21,7 @@ import logging
 import time
 from pathlib import Path
 
-from sglang_alchemist.config import AlchemistConfig
+from sglang_alchemist.config import AlchemistConfig, first_adapted_layer
 from sglang_alchemist.feedback.journal import Journal, journal_path
 from sglang_alchemist.ipc import EVENT_RID, AlchemistControlReqOutput
 from sglang_alchemist.memory.policy import RecordingPolicy
@@ -74,11 +74,13 @@ class AlchemistRuntime:
         self.events = sglang_view.EventSender(port_args)  # used by the publisher thread only
         self.worker_events = sglang_view.EventSender(port_args)  # used by the training thread only
 
-        # recording
+        # recording: the layers training adapts (the trunk below them is never run backward)
+        first = first_adapted_layer(config.lora_layers, geometry.num_layers)
         self.store = ActivationStore(
             device=self.device, device_budget_bytes=int(config.activation_device_mb * MIB),
             host_budget_bytes=int(config.activation_host_mb * MIB), kv_slots=view.kv_slots,
-            widths=layer_widths(geometry), num_layers=geometry.num_layers, dtype=self.dtype,
+            widths=layer_widths(geometry), num_layers=geometry.num_layers - first, dtype=self.dtype,
+            first_layer=first,
         )
         self.samples = SampleTable(self.store, ttl_s=config.feedback_ttl_s)
         self.recorder = PrefillRecorder(
@@ -291,6 +293,8 @@ class AlchemistRuntime:
                 "layers": geometry.num_layers,
                 "dtype": str(self.dtype).replace("torch.", ""),
                 "recorded_bytes_per_token_per_layer": bytes_per_token_per_layer(geometry, self.dtype),
+                "recorded_layers": self.store.num_layers,
+                "recorded_bytes_per_token": self.recorder.bytes_per_token,
             },
             "recording": {"policy": self.recorder.policy.mode, "sample_rate": self.recorder.policy.sample_rate,
                           **self.recorder.status()},
