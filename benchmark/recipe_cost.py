@@ -279,8 +279,8 @@ def main() -> None:
     harness = Harness(args.model_path)
     recording = json.loads(args.recording.read_text()) if args.recording.exists() else None
     result = {"mixes": [run_mix(harness, mix, args.corrections, args.seed) for mix in args.mix or list(MIXES)]}
-    # without a recording_overhead.json: SmolLM2 fp32, the default 10 adapted layers x 23,040 B
-    bytes_per_token = int(recording["recorded_bytes_per_token"]) if recording else 230400
+    # without a recording_overhead.json: SmolLM2 fp32, 10 adapted layers x 23,040 B + 20 trunk layers x 1,536 B
+    bytes_per_token = int(recording["recorded_bytes_per_token"]) if recording else 261120
     charge(result, recording, copy_seconds_per_token(bytes_per_token))
     result["command"] = command_line()
     result["machine"] = machine()

@@ -5,7 +5,8 @@ One server, one run: the recording policy is switched at run time (``POST
 prompts (output 4 tokens, so prefill dominates; the radix cache is flushed before each round so
 every round prefills its prompts), alternating none/all ``--rounds`` times. The ratio is taken
 per adjacent pair and its median reported, which cancels most of a noisy machine's drift.
-Also reported: bytes recorded per prompt token (the adapted layers, which are what is stored), from the store.
+Also reported: bytes recorded per prompt token (every tensor of the adapted layers, keys and values of
+the frozen trunk's), from the server's status.
 
     .venv/bin/python benchmark/recording_overhead.py --output benchmark/results/recording_overhead.json
 """
@@ -33,8 +34,9 @@ def store_counters(url: str) -> dict:
     scheduler = requests.get(url + "/v1/alchemist/status", timeout=60).json()["schedulers"][0]
     return {"tokens_recorded": scheduler["recording"]["tokens_recorded"],
             "bytes_per_token_per_layer": scheduler["model"]["recorded_bytes_per_token_per_layer"],
-            "layers": scheduler["model"]["recorded_layers"], "model_layers": scheduler["model"]["layers"],
-            "dtype": scheduler["model"]["dtype"],
+            "bytes_per_token": scheduler["model"]["recorded_bytes_per_token"],
+            "first_adapted_layer": scheduler["model"]["first_adapted_layer"],
+            "layers": scheduler["model"]["layers"], "dtype": scheduler["model"]["dtype"],
             "store": scheduler["store"]}
 
 
@@ -76,13 +78,13 @@ def main() -> None:
                 pair["throughput_ratio"] = pair["all"]["input_throughput"] / pair["none"]["input_throughput"]
                 rounds.append(pair)
             final = store_counters(server.url)
-    bytes_per_token = final["bytes_per_token_per_layer"] * final["layers"]
+    bytes_per_token = final["bytes_per_token"]
     summary = {
         "command": command_line(), "machine": machine(), "model": args.model_path, "rounds": rounds,
         "median_throughput_ratio_all_over_none": statistics.median(r["throughput_ratio"] for r in rounds),
         "recorded_bytes_per_token": bytes_per_token,
         "recorded_bytes_per_token_per_layer": final["bytes_per_token_per_layer"],
-        "recorded_layers": final["layers"], "model_layers": final["model_layers"],
+        "first_adapted_layer": final["first_adapted_layer"], "layers": final["layers"],
         "dtype": final["dtype"], "store": final["store"],
     }
     ratio = summary["median_throughput_ratio_all_over_none"]
@@ -90,8 +92,9 @@ def main() -> None:
         "| recording | prompt tokens/s (median of rounds) | ratio |\n| --- | --- | --- |\n"
         f"| none | {statistics.median(r['none']['input_throughput'] for r in rounds):.0f} | 1.00 |\n"
         f"| all | {statistics.median(r['all']['input_throughput'] for r in rounds):.0f} | {ratio:.2f} |\n\n"
-        f"Recorded per prompt token: {bytes_per_token / 1024:.1f} KiB ({final['layers']} adapted layers of "
-        f"{final['model_layers']} x {final['bytes_per_token_per_layer']} B, {final['dtype']})."
+        f"Recorded per prompt token: {bytes_per_token / 1024:.1f} KiB ({final['dtype']}; every tensor of the "
+        f"{final['layers'] - final['first_adapted_layer']} adapted layers, {final['bytes_per_token_per_layer']} B "
+        f"each, keys and values of the {final['first_adapted_layer']} below)."
     )
     write_json(args.output, summary)
     print(summary["markdown"])

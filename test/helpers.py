@@ -29,11 +29,15 @@ def tiny_server_args(model_dir: Path, state_dir: Path, *extra: str) -> list[str]
 
 
 def recorded_layers_of(expected: dict[str, torch.Tensor], record: dict) -> dict[str, torch.Tensor]:
-    """``expected`` (``transformers_intermediates``) cut to the layers the server records: the adapted
-    ones (``record["recorded_layers"]``, first and last) and the last token's residual."""
-    first, last = record["recorded_layers"]
-    return {name: tensor for name, tensor in expected.items()
-            if name == "final_hidden" or first <= int(name.split(".")[0].removeprefix("layer")) <= last}
+    """``expected`` (``transformers_intermediates``) cut to what the server records: every tensor of
+    the adapted layers (from ``record["first_adapted_layer"]``), keys and values of the trunk's."""
+    first, trunk = record["first_adapted_layer"], set(record["trunk_layers_keep"])
+    kept = {}
+    for name, tensor in expected.items():
+        layer, _, tensor_name = name.partition(".")
+        if name == "final_hidden" or int(layer.removeprefix("layer")) >= first or tensor_name in trunk:
+            kept[name] = tensor
+    return kept
 
 
 def transformers_intermediates(model, input_ids: list[int]) -> dict[str, torch.Tensor]:

@@ -65,36 +65,44 @@ def test_pages_are_allocated_once_and_hold_what_capture_wrote():
     assert store.device_bytes == 2 * PAGE_BYTES * LAYERS
 
 
-def test_a_store_of_the_adapted_layers_takes_model_layer_indices_and_refuses_the_trunk():
-    """Serving records only the adapted layers (model layers ``first_layer`` up): the same budget
-    holds that many more tokens, and a read of a trunk layer is an error, not another layer's rows."""
-    first = 5
-    store = ActivationStore(device=torch.device("cpu"), device_budget_bytes=int(2 * CHUNK_BYTES),
-                            host_budget_bytes=int(2 * CHUNK_BYTES), kv_slots=1000, widths=WIDTHS,
-                            num_layers=LAYERS, dtype=torch.float32, first_layer=first)
-    chunk = store.begin_chunk("a", 0, torch.arange(10), torch.arange(100, 110), 0)
-    for layer in range(first, first + LAYERS):
-        for name, tensor in rows(10, layer, 1.0).items():
-            store.write(chunk, layer, name, tensor)
-    store.commit_chunk(chunk, torch.ones(1, WIDTH))
+def test_trunk_layers_keep_keys_and_values_only_so_a_budget_holds_more_tokens():
+    """Below the first adapted layer the store keeps k and v (what computed rows attend to), nothing
+    the backward would read: pages cost less, the same budget holds more, and a read of a tensor
+    the trunk does not keep is an error, not another tensor's rows."""
+    widths = {"x": WIDTH, "k": 2, "v": 2, "h": WIDTH}
+    budget = 64 * PAGE_ROWS * 4 * (2 * WIDTH + 4) * LAYERS  # 64 pages per layer with every tensor kept
+
+    def store(first_layer: int) -> ActivationStore:
+        return ActivationStore(device=torch.device("cpu"), device_budget_bytes=budget, host_budget_bytes=budget,
+                               kv_slots=1000, widths=widths, num_layers=LAYERS, dtype=torch.float32,
+                               first_layer=first_layer)
+
+    whole, trunk = store(0), store(2)
+    assert whole.device_pool.pages == 64
+    # layers 0 and 1 keep k, v (4 floats a row) instead of 20: 16 + 16 + 20 of every 60 floats
+    assert trunk.device_pool.pages == 64 * 60 // 28
+    assert trunk.layer_widths == [{"k": 2, "v": 2}, {"k": 2, "v": 2}, widths]
+    chunk = trunk.begin_chunk("a", 0, torch.arange(10), torch.arange(100, 110), 0)
+    for layer in range(LAYERS):
+        for name, width in trunk.layer_widths[layer].items():
+            trunk.write(chunk, layer, name, torch.full((10, width), float(layer)))
+    trunk.commit_chunk(chunk, torch.ones(1, WIDTH))
     view = ChunkView(chunk, 0, 10)
-    store.acquire([view])
-    assert torch.equal(store.read(view, first + 1, ("x",), 0, 10)["x"], torch.full((10, WIDTH), 1.0 + first + 1))
-    assert store.status()["recorded_layers"] == [first, first + LAYERS - 1]
-    assert [store.records(layer) for layer in (first - 1, first, first + LAYERS - 1, first + LAYERS)] == \
-        [False, True, True, False]
-    assert store.move_layer_to_host(chunk, first) and store.tier(chunk, first) is Tier.HOST
-    assert store.tier(chunk, first + 1) is Tier.DEVICE
-    activations = SampleActivations(store, [view], 10)
-    assert not activations.on_device(first) and activations.on_device(first + 2)
-    assert activations.host_bytes(first, ("x",)) == 10 * WIDTH * 4 and activations.host_bytes(first + 1, ("x",)) == 0
-    for trunk_layer in (0, first - 1, first + LAYERS):
+    trunk.acquire([view])
+    assert torch.equal(trunk.read(view, 0, ("k", "v"), 0, 10)["v"], torch.zeros(10, 2))
+    assert torch.equal(trunk.read(view, 2, ("x",), 0, 10)["x"], torch.full((10, WIDTH), 2.0))
+    assert trunk.records(0, "k") and not trunk.records(1, "x") and trunk.records(2, "x")
+    status = trunk.status()
+    assert status["adapted_layers_recorded"] == [2, 2] and status["trunk_layers_keep"] == ["k", "v"]
+    assert status["device_bytes"] == PAGE_ROWS * 4 * (4 + 4 + 20)  # one page in each layer
+    assert trunk.move_layer_to_host(chunk, 0) and chunk.layers[0].tier is Tier.HOST
+    for layer, names in ((0, ("x",)), (1, ("k", "h"))):
         try:
-            store.read(view, trunk_layer, ("x",), 0, 10)
-        except IndexError as error:
-            assert f"layer {trunk_layer} is not recorded" in str(error)
+            trunk.read(view, layer, names, 0, 10)
+        except KeyError as error:
+            assert f"layer {layer} does not keep" in str(error)
         else:
-            raise AssertionError(f"layer {trunk_layer} was read")
+            raise AssertionError(f"layer {layer} returned {names}")
 
 
 def test_new_chunks_fill_device_then_lru_moves_to_host_first_layers_first():

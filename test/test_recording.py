@@ -68,11 +68,13 @@ def store_status(server) -> dict:
 def assert_record_matches_transformers(record: dict, model, input_ids: list[int]) -> None:
     assert record["has_activations"] and record["replay_blocker"] is None, record
     recorded = load_file(record["path"])
-    # the tiny model's 2 layers: the default adapter covers the top one, so only layer 1 is stored
-    # (its ``x`` is layer 0's output: the residual is still carried through the unrecorded layer)
-    assert record["recorded_layers"] == [1, 1]
+    # the tiny model's 2 layers: the default adapter covers the top one, so layer 0 (the frozen
+    # trunk) keeps its keys and values only; layer 1's ``x`` is layer 0's output, carried through
+    assert record["first_adapted_layer"] == 1 and record["trunk_layers_keep"] == ["k", "v"]
     expected = recorded_layers_of(transformers_intermediates(model, input_ids), record)
-    assert set(recorded) == set(expected) and "layer1.x" in expected and "layer0.x" not in expected
+    assert set(recorded) == set(expected)
+    assert {"layer1.x", "layer1.gate_up", "layer0.k", "layer0.v"} <= set(expected)
+    assert not {"layer0.x", "layer0.q", "layer0.h", "layer0.gate_up"} & set(expected)
     for name, tensor in expected.items():
         assert recorded[name].shape == tensor.shape, name
         torch.testing.assert_close(recorded[name], tensor, atol=1e-5, rtol=0, msg=name)
@@ -142,11 +144,13 @@ def test_a_reused_kv_slot_is_detected_and_not_replayed(server):
     assert store_status(server)["store"]["prefix_slot_reused"] == before + 1
 
 
-def test_only_the_adapted_layers_are_recorded_and_counted(server):
+def test_the_trunk_keeps_keys_and_values_only_and_the_status_counts_it(server):
     status = store_status(server)
-    assert status["model"]["layers"] == 2 and status["model"]["recorded_layers"] == 1
-    assert status["store"]["recorded_layers"] == [1, 1]
-    assert status["model"]["recorded_bytes_per_token"] == status["model"]["recorded_bytes_per_token_per_layer"] == 2816
+    assert status["model"]["layers"] == 2 and status["model"]["first_adapted_layer"] == 1
+    assert status["store"]["adapted_layers_recorded"] == [1, 1] and status["store"]["trunk_layers_keep"] == ["k", "v"]
+    # layer 1 whole (2,816 B) + layer 0's key and value rows (2 KV heads x 16 x 2 x 4 B)
+    assert status["model"]["recorded_bytes_per_token_per_layer"] == 2816
+    assert status["model"]["recorded_bytes_per_token"] == 2816 + 256
 
 
 def test_burst_of_50_recorded_requests_respects_budgets_lru_and_layer_order(server):
@@ -181,8 +185,9 @@ def test_documented_bytes_per_token_match_the_record_layout():
     assert bytes_per_token_per_layer(smollm2, torch.float32) == 23040
     assert bytes_per_token_per_layer(smollm2, torch.bfloat16) == 11520
     assert bytes_per_token_per_layer(llama3_8b, torch.bfloat16) == 94208
-    # the layers recorded with the default --alchemist-lora-layers (auto: the top third)
-    recorded = {name: g.num_layers - first_adapted_layer("auto", g.num_layers)
-                for name, g in (("tiny", tiny), ("smollm2", smollm2), ("llama3_8b", llama3_8b))}
-    assert recorded == {"tiny": 1, "smollm2": 10, "llama3_8b": 11}
-    assert bytes_per_token_per_layer(smollm2, torch.float32) * recorded["smollm2"] == 225 * 1024
+    # with the default --alchemist-lora-layers (auto: the top third) the trunk keeps k and v only
+    adapted = {name: g.num_layers - first_adapted_layer("auto", g.num_layers)
+               for name, g in (("tiny", tiny), ("smollm2", smollm2), ("llama3_8b", llama3_8b))}
+    assert adapted == {"tiny": 1, "smollm2": 10, "llama3_8b": 11}
+    smollm2_kv = 2 * smollm2.num_kv_heads * smollm2.head_dim * 4  # fp32 bytes of one layer's k and v
+    assert bytes_per_token_per_layer(smollm2, torch.float32) * 10 + smollm2_kv * 20 == 255 * 1024

@@ -15,9 +15,9 @@ mlp.gate_up_proj            output: ``gate_up``
 mlp.down_proj               output ``d`` gives the next layer's residual ``h + d``
 ==========================  ======================================================
 
-Only the layers training adapts are stored (from the store's ``first_layer``): the hooks of the
-layers below still fire, but only to carry the residual stream up to the first recorded layer,
-whose ``x`` is the frozen trunk's output.
+The frozen trunk's layers (below the store's ``first_layer``) store their keys and values only
+(``store.TRUNK_TENSORS``): their other hooks still fire, to carry the residual stream up to the
+first adapted layer, whose ``x`` is the trunk's output.
 
 The residual stream is rebuilt from projection outputs rather than read from SGLang's fused
 add-RMSNorm boundaries, whose internal layout is an implementation detail; the sums are the
@@ -60,7 +60,7 @@ class PrefillCapture:
         self.store = store
         self.q_size, self.kv_size = q_size, kv_size
         self.num_layers = num_layers
-        self.first_layer = store.first_layer  # layers below are run through, not stored
+        self.first_layer = store.first_layer  # layers below keep their keys and values only
         self._segments: list[CaptureSegment] | None = None
         self._calls = 0
         self._handles = [inner.embed_tokens.register_forward_hook(self._on_embed)]
@@ -110,15 +110,15 @@ class PrefillCapture:
             segment.residual = out[segment.row : segment.row + segment.count].clone()
 
     def _on_qkv(self, index, inputs, output) -> None:
-        if index < self.first_layer:
-            return
         out = _first(output)
         q, kv = self.q_size, self.kv_size
         write = self.store.write
+        adapted = index >= self.first_layer
         for s in self._segments:
             rows = out[s.row : s.row + s.count]
-            write(s.chunk, index, "x", s.residual)
-            write(s.chunk, index, "q", rows[:, :q])
+            if adapted:
+                write(s.chunk, index, "x", s.residual)
+                write(s.chunk, index, "q", rows[:, :q])
             write(s.chunk, index, "k", rows[:, q : q + kv])
             write(s.chunk, index, "v", rows[:, q + kv : q + 2 * kv])
 

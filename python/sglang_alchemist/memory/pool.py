@@ -27,43 +27,45 @@ PAGE_ROWS = 16
 class TierPool:
     """One tier: ``slabs[layer][name]`` of shape [pages, PAGE_ROWS, width], and at most ``pages`` of them per layer.
 
-    ``pages`` is the tier's quota; the page numbers themselves come from a stock of free pages
-    per layer, which a pool either owns or shares with the other tier of a :meth:`pair`.
+    ``widths[layer]``: the tensors a layer stores (layers may store different ones: the frozen
+    trunk's layers only their keys and values). ``pages`` is the tier's quota, the same for every
+    layer (a chunk takes as many pages in each); the page numbers themselves come from a stock of
+    free pages per layer, which a pool either owns or shares with the other tier of a :meth:`pair`.
     """
 
-    def __init__(self, widths: dict[str, int], num_layers: int, budget_bytes: int, dtype: torch.dtype,
+    def __init__(self, widths: list[dict[str, int]], budget_bytes: int, dtype: torch.dtype,
                  device: torch.device, pin: bool = False, _stock: _PageStock | None = None) -> None:
-        self.page_bytes = _page_bytes(widths, dtype)  # one page of one layer
-        self.pages = _quota(budget_bytes, self.page_bytes, num_layers)
+        self.layer_page_bytes = [_page_bytes(layer, dtype) for layer in widths]  # one page of each layer
+        self.pages = _quota(budget_bytes, sum(self.layer_page_bytes))
         self.widths = widths
         self.device = device
         self.budget_bytes = budget_bytes
-        self._stock = _stock or _PageStock(widths, num_layers, self.pages, dtype, device, pin)
+        self._stock = _stock or _PageStock(widths, self.pages, dtype, device, pin)
         self.slabs = self._stock.slabs
-        self._used = [0] * num_layers
+        self._used = [0] * len(widths)
 
     @classmethod
-    def pair(cls, widths: dict[str, int], num_layers: int, budget_a: int, budget_b: int, dtype: torch.dtype,
+    def pair(cls, widths: list[dict[str, int]], budget_a: int, budget_b: int, dtype: torch.dtype,
              device: torch.device) -> tuple[TierPool, TierPool]:
         """Two tiers in the same memory: one set of slabs, a quota each, moves without copies."""
-        page_bytes = _page_bytes(widths, dtype)
-        pages = sum(_quota(budget, page_bytes, num_layers) for budget in (budget_a, budget_b))
-        stock = _PageStock(widths, num_layers, pages, dtype, device, pin=False)
-        return (cls(widths, num_layers, budget_a, dtype, device, _stock=stock),
-                cls(widths, num_layers, budget_b, dtype, device, _stock=stock))
+        page_bytes = sum(_page_bytes(layer, dtype) for layer in widths)
+        pages = sum(_quota(budget, page_bytes) for budget in (budget_a, budget_b))
+        stock = _PageStock(widths, pages, dtype, device, pin=False)
+        return (cls(widths, budget_a, dtype, device, _stock=stock),
+                cls(widths, budget_b, dtype, device, _stock=stock))
 
     def shares_slabs_with(self, other: TierPool) -> bool:
         return self._stock is other._stock
 
     @property
     def capacity_bytes(self) -> int:
-        return self.pages * self.page_bytes * len(self.slabs)
+        return self.pages * sum(self.layer_page_bytes)
 
     def free_pages(self, layer: int) -> int:
         return self.pages - self._used[layer]
 
     def used_bytes(self) -> int:
-        return sum(self._used) * self.page_bytes
+        return sum(used * size for used, size in zip(self._used, self.layer_page_bytes, strict=True))
 
     def allocate(self, layer: int, count: int) -> torch.Tensor | None:
         if count > self.free_pages(layer):
@@ -135,20 +137,20 @@ def _page_bytes(widths: dict[str, int], dtype: torch.dtype) -> int:
     return PAGE_ROWS * sum(widths.values()) * torch.empty(0, dtype=dtype).element_size()
 
 
-def _quota(budget_bytes: int, page_bytes: int, num_layers: int) -> int:
-    """Pages per layer that a byte budget buys."""
-    return max(0, budget_bytes // page_bytes // max(num_layers, 1))
+def _quota(budget_bytes: int, page_bytes_all_layers: int) -> int:
+    """Pages per layer that a byte budget buys (a page in every layer costs ``page_bytes_all_layers``)."""
+    return max(0, budget_bytes // max(page_bytes_all_layers, 1))
 
 
 class _PageStock:
     """The slabs and the free page numbers of each layer, owned by one tier or shared by a pair."""
 
-    def __init__(self, widths: dict[str, int], num_layers: int, pages: int, dtype: torch.dtype,
-                 device: torch.device, pin: bool) -> None:
+    def __init__(self, widths: list[dict[str, int]], pages: int, dtype: torch.dtype, device: torch.device,
+                 pin: bool) -> None:
         self.slabs: list[dict[str, torch.Tensor]] = [
             {name: torch.zeros(pages, PAGE_ROWS, width, dtype=dtype, device=device, pin_memory=pin)
-             for name, width in widths.items()}
-            for _ in range(num_layers)
+             for name, width in layer.items()}
+            for layer in widths
         ]
         # a stack per layer; popping from the end hands out low page numbers first
-        self.free: list[list[int]] = [list(range(pages - 1, -1, -1)) for _ in range(num_layers)]
+        self.free: list[list[int]] = [list(range(pages - 1, -1, -1)) for _ in widths]

@@ -29,7 +29,6 @@ import torch
 
 from sglang_alchemist.memory.capture import CaptureSegment, PrefillCapture
 from sglang_alchemist.memory.policy import RecordingPolicy
-from sglang_alchemist.memory.records import bytes_per_token_per_layer
 from sglang_alchemist.memory.samples import RequestRecording, SampleTable
 from sglang_alchemist.memory.store import ActivationStore, ChunkView
 
@@ -73,7 +72,8 @@ class PrefillRecorder:
         self.policy = policy
         self.req_to_token = req_to_token
         self.capture = PrefillCapture(model, geometry.num_layers, store, geometry.q_size, geometry.kv_size)
-        self.bytes_per_token = bytes_per_token_per_layer(geometry, dtype) * store.num_layers  # recorded layers
+        # every layer's keys and values, the adapted layers' other tensors (``store.layer_widths``)
+        self.bytes_per_token = sum(sum(widths.values()) for widths in store.layer_widths) * store.element_size
         self.counters = RecorderCounters()
         self._planned: list[_Planned] = []
         # whether rows made with an adapter version could still be replayed (set by the runtime:

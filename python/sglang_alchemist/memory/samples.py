@@ -84,12 +84,12 @@ class SampleActivations:
             self.store.prefetch(view, layer, names)
 
     def on_device(self, layer: int) -> bool:
-        return all(self.store.tier(view.chunk, layer) is Tier.DEVICE for view in self.live_views())
+        return all(view.chunk.layers[layer].tier is Tier.DEVICE for view in self.live_views())
 
     def host_bytes(self, layer: int, names: tuple[str, ...]) -> int:
         per_row = sum(self.store.widths[name] for name in names) * self.store.element_size
         return sum((view.row_end - view.row_start) * per_row for view in self.live_views()
-                   if self.store.tier(view.chunk, layer) is Tier.HOST)
+                   if view.chunk.layers[layer].tier is Tier.HOST)
 
     def final_hidden(self) -> torch.Tensor | None:
         live = self.live_views()

@@ -1,15 +1,15 @@
 """The activation store: recorded prefill chunks in a device tier and a host tier of preallocated pages.
 
 Unit of storage: a :class:`RecordedChunk` - the recorded rows of one request's prefill forward
-(a whole prompt, or one piece of a chunked prefill), every *recorded* layer, plus the KV slot index
-of each row. Its bytes live in the pool (``memory/pool.py``): per layer, a list of pages in one tier.
+(a whole prompt, or one piece of a chunked prefill), all layers, plus the KV slot index of each
+row. Its bytes live in the pool (``memory/pool.py``): per layer, a list of pages in one tier.
 
-Recorded layers: training reads only the layers it adapts, from the first adapted one
-(``--alchemist-lora-layers``; the residual entering that layer is its input, the frozen trunk below
-it is never run backward), so only those are stored: ``first_layer`` is the model layer of the
-store's layer 0. Public methods take *model* layer indices; ``chunk.layers`` and the pools are
-indexed from ``first_layer`` (``local``). With the default top third, a token's record is a third
-of all layers' (docs/NOTES.md, "Recording only the adapted layers").
+What each layer keeps: the layers training adapts, from ``first_layer`` (the first adapted one,
+``--alchemist-lora-layers``), keep every tensor the replay reads; the frozen trunk below it is
+never run backward, so its layers keep only their keys and values (:data:`TRUNK_TENSORS`): rows
+training must compute (a target, an earlier answer in a conversation) attend to the recorded
+rows' keys and values in every layer, trunk included. With the default top third of SmolLM2 a
+token's record is 255 KiB instead of 675 (docs/NOTES.md, "Recording only what training reads").
 Samples (``SampleActivations``) reference rows of one or more chunks; chunks are
 reference-counted and their pages go back to the pool when no sample needs them.
 
@@ -54,6 +54,8 @@ from enum import StrEnum
 import torch
 
 from sglang_alchemist.memory.pool import TierPool, pages_for
+
+TRUNK_TENSORS = ("k", "v")  # what a frozen trunk layer keeps: what computed rows attend to
 
 logger = logging.getLogger(__name__)
 
@@ -134,19 +136,22 @@ class StoreCounters:
 class ActivationStore:
     def __init__(self, device: torch.device, device_budget_bytes: int, host_budget_bytes: int, kv_slots: int,
                  widths: dict[str, int], num_layers: int, dtype: torch.dtype, first_layer: int = 0) -> None:
-        """``num_layers``: the layers recorded, model layers ``first_layer`` .. ``first_layer + num_layers - 1``."""
+        """``widths``: an adapted layer's tensors; layers below ``first_layer`` keep :data:`TRUNK_TENSORS` of them."""
         self.device = torch.device(device)
         self._cuda = self.device.type == "cuda"
         self.num_layers = num_layers
         self.first_layer = first_layer
         self.widths = widths
+        self.layer_widths = [widths if layer >= first_layer else {n: w for n, w in widths.items() if n in TRUNK_TENSORS}
+                             for layer in range(num_layers)]
+        widths = self.layer_widths
         self.element_size = torch.empty(0, dtype=dtype).element_size()
         if self.device.type == "cpu":  # both tiers are RAM: one set of slabs, a move is bookkeeping
-            self.device_pool, self.host_pool = TierPool.pair(widths, num_layers, device_budget_bytes,
+            self.device_pool, self.host_pool = TierPool.pair(widths, device_budget_bytes,
                                                              host_budget_bytes, dtype, self.device)
         else:
-            self.device_pool = TierPool(widths, num_layers, device_budget_bytes, dtype, self.device)
-            self.host_pool = TierPool(widths, num_layers, host_budget_bytes, dtype, torch.device("cpu"),
+            self.device_pool = TierPool(widths, device_budget_bytes, dtype, self.device)
+            self.host_pool = TierPool(widths, host_budget_bytes, dtype, torch.device("cpu"),
                                       pin=self._cuda)
         self.device_budget_bytes = device_budget_bytes
         self.host_budget_bytes = host_budget_bytes
@@ -162,21 +167,15 @@ class ActivationStore:
         # CUDA: host-tier layers brought to the device ahead of their backward: (chunk, layer) -> copies
         self._prefetched: dict[tuple[int, int], tuple[dict[str, torch.Tensor], torch.cuda.Event]] = {}
 
-    def local(self, layer: int) -> int:
-        """The store's index of model layer ``layer`` (which must be a recorded one)."""
-        index = layer - self.first_layer
-        if not 0 <= index < self.num_layers:
-            raise IndexError(f"layer {layer} is not recorded (layers {self.first_layer}.."
-                             f"{self.first_layer + self.num_layers - 1} are)")
-        return index
+    def records(self, layer: int, name: str) -> bool:
+        """Whether layer ``layer`` keeps tensor ``name``."""
+        return 0 <= layer < self.num_layers and name in self.layer_widths[layer]
 
-    def records(self, layer: int) -> bool:
-        """Whether model layer ``layer`` is recorded."""
-        return 0 <= layer - self.first_layer < self.num_layers
-
-    def tier(self, chunk: RecordedChunk, layer: int) -> Tier:
-        """The tier holding model layer ``layer`` of ``chunk``."""
-        return chunk.layers[self.local(layer)].tier
+    def _check(self, layer: int, names) -> None:
+        missing = [name for name in names if not self.records(layer, name)]
+        if missing:
+            raise KeyError(f"layer {layer} does not keep {', '.join(missing)} (layers below the first adapted "
+                           f"layer {self.first_layer} keep {', '.join(TRUNK_TENSORS)} only)")
 
     def pool(self, tier: Tier) -> TierPool:
         return self.device_pool if tier is Tier.DEVICE else self.host_pool
@@ -230,7 +229,6 @@ class ActivationStore:
 
     def write(self, chunk: RecordedChunk, layer: int, name: str, rows: torch.Tensor) -> None:
         """Capture: write one layer's tensor for the chunk's rows (no lock: the pages are its own)."""
-        layer = self.local(layer)
         chunk_layer = chunk.layers[layer]
         self.pool(chunk_layer.tier).write(layer, chunk_layer.pages, name, rows)
 
@@ -334,7 +332,7 @@ class ActivationStore:
 
     def read(self, view: ChunkView, layer: int, names: tuple[str, ...], start: int, end: int) -> dict[str, torch.Tensor]:
         """Positions [start, end) (inside ``view``) of one layer, on the compute device."""
-        layer = self.local(layer)
+        self._check(layer, names)
         chunk_layer = view.chunk.layers[layer]
         first = start - view.chunk.start
         last = end - view.chunk.start
@@ -360,7 +358,7 @@ class ActivationStore:
         one computes; each page is a slice of the pinned host slab, so every copy is asynchronous.
         ``release_prefetch`` frees the copies once the step is done with the chunk.
         """
-        layer = self.local(layer)
+        self._check(layer, names)
         chunk_layer = view.chunk.layers[layer]
         key = (view.chunk.chunk_id, layer)
         if not self._cuda or chunk_layer.tier is not Tier.HOST or key in self._prefetched:
@@ -389,7 +387,7 @@ class ActivationStore:
     def move_layer_to_host(self, chunk: RecordedChunk, layer: int) -> bool:
         """Move one layer of a chunk to the host tier now (as eviction would); False if impossible."""
         with self.lock:
-            return self._demote(chunk, self.local(layer), protect=chunk)
+            return self._demote(chunk, layer, protect=chunk)
 
     # --- status -----------------------------------------------------------------------------
 
@@ -403,7 +401,8 @@ class ActivationStore:
                 "host_capacity_bytes": self.host_pool.capacity_bytes,
                 "device_bytes": self.device_bytes,
                 "host_bytes": self.host_bytes,
-                "recorded_layers": [self.first_layer, self.first_layer + self.num_layers - 1],
+                "adapted_layers_recorded": [self.first_layer, self.num_layers - 1],
+                "trunk_layers_keep": list(TRUNK_TENSORS) if self.first_layer else [],
                 "chunks": len(live),
                 "tokens": sum(chunk.num_tokens for chunk in live),
                 "pinned_chunks": sum(1 for c in live if c.pins),
@@ -466,7 +465,7 @@ class ActivationStore:
             host_pages = chunk_layer.pages  # same slabs: the pages change tier, no byte moves
         else:
             host_pages = self.host_pool.allocate(layer, count)
-            self.counters.bytes_copied_to_host += count * self.device_pool.page_bytes
+            self.counters.bytes_copied_to_host += count * self.device_pool.layer_page_bytes[layer]
             if self._cuda:
                 with torch.cuda.stream(self._copy_stream):
                     self._copy_stream.wait_stream(torch.cuda.current_stream(self.device))

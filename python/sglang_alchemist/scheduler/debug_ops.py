@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from sglang_alchemist.memory.records import LAYER_TENSORS
+from sglang_alchemist.memory.store import TRUNK_TENSORS
 from sglang_alchemist.scheduler.control_ops import ControlError, Deferred
 from sglang_alchemist.training.trainer import TrainingItem
 
@@ -49,9 +50,10 @@ class DebugOps:
         tensors = {}
         segments = activations.segments()
         store = self.runtime.store
-        for layer in range(store.first_layer, store.first_layer + store.num_layers):  # the recorded layers
+        for layer in range(store.num_layers):  # the trunk's layers keep their keys and values only
+            names = LAYER_TENSORS if layer >= store.first_layer else TRUNK_TENSORS
             for start, end in segments:
-                loaded = activations.load(layer, LAYER_TENSORS, start, end)
+                loaded = activations.load(layer, names, start, end)
                 for name, tensor in loaded.items():
                     key = f"layer{layer}.{name}" if len(segments) == 1 else f"layer{layer}.{name}.{start}"
                     tensors[key] = tensor.to("cpu").contiguous()
@@ -65,8 +67,8 @@ class DebugOps:
              "tiers": [layer.tier.value for layer in v.chunk.layers]}
             for v in activations.live_views()
         ]
-        recorded = [store.first_layer, store.first_layer + store.num_layers - 1]
-        return {**info, "path": str(path), "views": views, "segments": segments, "recorded_layers": recorded}
+        return {**info, "path": str(path), "views": views, "segments": segments,
+                "first_adapted_layer": store.first_layer, "trunk_layers_keep": list(TRUNK_TENSORS)}
 
     def move_to_host(self, payload: dict[str, Any]) -> dict[str, Any]:
         sample = self._sample(payload)
@@ -75,7 +77,7 @@ class DebugOps:
         moved = 0
         for view in sample.activations.live_views():
             for layer in payload.get("layers", []):
-                if self.runtime.store.records(int(layer)) and self.runtime.store.move_layer_to_host(view.chunk, int(layer)):
+                if self.runtime.store.move_layer_to_host(view.chunk, int(layer)):
                     moved += 1
         return {"moved": moved}
 

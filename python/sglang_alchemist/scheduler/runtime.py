@@ -74,13 +74,12 @@ class AlchemistRuntime:
         self.events = sglang_view.EventSender(port_args)  # used by the publisher thread only
         self.worker_events = sglang_view.EventSender(port_args)  # used by the training thread only
 
-        # recording: the layers training adapts (the trunk below them is never run backward)
-        first = first_adapted_layer(config.lora_layers, geometry.num_layers)
+        # recording: every tensor of the layers training adapts, keys and values of the trunk below
         self.store = ActivationStore(
             device=self.device, device_budget_bytes=int(config.activation_device_mb * MIB),
             host_budget_bytes=int(config.activation_host_mb * MIB), kv_slots=view.kv_slots,
-            widths=layer_widths(geometry), num_layers=geometry.num_layers - first, dtype=self.dtype,
-            first_layer=first,
+            widths=layer_widths(geometry), num_layers=geometry.num_layers, dtype=self.dtype,
+            first_layer=first_adapted_layer(config.lora_layers, geometry.num_layers),
         )
         self.samples = SampleTable(self.store, ttl_s=config.feedback_ttl_s)
         self.recorder = PrefillRecorder(
@@ -293,7 +292,7 @@ class AlchemistRuntime:
                 "layers": geometry.num_layers,
                 "dtype": str(self.dtype).replace("torch.", ""),
                 "recorded_bytes_per_token_per_layer": bytes_per_token_per_layer(geometry, self.dtype),
-                "recorded_layers": self.store.num_layers,
+                "first_adapted_layer": self.store.first_layer,
                 "recorded_bytes_per_token": self.recorder.bytes_per_token,
             },
             "recording": {"policy": self.recorder.policy.mode, "sample_rate": self.recorder.policy.sample_rate,
