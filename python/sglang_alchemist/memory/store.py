@@ -4,14 +4,15 @@ Unit of storage: a :class:`RecordedChunk` - the recorded rows of one request's p
 (a whole prompt, or one piece of a chunked prefill), all layers, plus the KV slot index of each
 row. Its bytes live in the pool (``memory/pool.py``): per layer, a list of pages in one tier.
 
+Samples (``SampleActivations``) reference rows of one or more chunks; chunks are
+reference-counted and their pages go back to the pool when no sample needs them.
+
 What each layer keeps: the layers training adapts, from ``first_layer`` (the first adapted one,
 ``--alchemist-lora-layers``), keep every tensor the replay reads; the frozen trunk below it is
 never run backward, so its layers keep only their keys and values (:data:`TRUNK_TENSORS`): rows
 training must compute (a target, an earlier answer in a conversation) attend to the recorded
 rows' keys and values in every layer, trunk included. With the default top third of SmolLM2 a
 token's record is 255 KiB instead of 675 (docs/NOTES.md, "Recording only what training reads").
-Samples (``SampleActivations``) reference rows of one or more chunks; chunks are
-reference-counted and their pages go back to the pool when no sample needs them.
 
 Keys and ownership. Each row is indexed by its KV slot (the radix cache's index space: a
 prefix-cache hit hands a new request the slots of its cached prefix, and the store finds the
