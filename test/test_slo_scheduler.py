@@ -76,8 +76,10 @@ def wait_idle(server, timeout_s: float = 600) -> dict:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         current = status(server)
-        training = current["schedulers"][0]["training"]
-        if training["queue_depth"] == 0 and not training["step_in_progress"]:
+        scheduler = current["schedulers"][0]
+        training = scheduler["training"]
+        # the journal too: between two slices of an update its items are out of the queue, still queued there
+        if training["queue_depth"] == 0 and not training["step_in_progress"] and scheduler["journal"]["queued"] == 0:
             return current
         time.sleep(0.5)
     raise AssertionError(f"training did not finish: {current['schedulers'][0]['training']}")
